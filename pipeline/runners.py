@@ -1,0 +1,75 @@
+"""Runners: each turns an artifact into predict(inputs) -> logits.
+
+The parity ledger runs every stage's artifact through its runner on the same
+eval batches, so a runner is the only thing a stage's output needs to be
+measured. Runners are small and composable, in the spirit of Polygraphy's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping, Protocol
+
+import numpy as np
+
+Inputs = Mapping[str, np.ndarray]
+
+
+class Runner(Protocol):
+    name: str
+
+    def predict(self, inputs: Inputs) -> np.ndarray:
+        """Logits [batch, classes] as float32 for one batch of named inputs."""
+        ...
+
+
+class TorchRunner:
+    """Runs an nn.Module whose forward takes the named inputs as keyword arguments."""
+
+    def __init__(self, model: "torch.nn.Module", device: str = "cpu", name: str = "torch"):
+        import torch
+
+        self.name = name
+        self._torch = torch
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+
+    def predict(self, inputs: Inputs) -> np.ndarray:
+        torch = self._torch
+        tensors = {key: torch.from_numpy(np.ascontiguousarray(value)).to(self.device) for key, value in inputs.items()}
+        with torch.inference_mode():
+            logits = self.model(**tensors)
+        return logits.float().cpu().numpy()
+
+
+def ort_session_options(threads: int = 2) -> "onnxruntime.SessionOptions":
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+class OrtRunner:
+    """Runs an ONNX file with ONNX Runtime (CPU EP by default)."""
+
+    def __init__(self, path: Path, providers: Iterable[str] = ("CPUExecutionProvider",), threads: int = 2, name: str = "onnxruntime"):
+        import onnxruntime as ort
+
+        self.name = name
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(self.path), sess_options=ort_session_options(threads), providers=list(providers))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def predict(self, inputs: Inputs) -> np.ndarray:
+        feed = {name: np.ascontiguousarray(inputs[name]) for name in self.input_names}
+        (logits,) = self.session.run(None, feed)[:1]
+        return np.asarray(logits, dtype=np.float32)
+
+
+def run_batches(runner: Runner, batches: Iterable[Inputs]) -> np.ndarray:
+    """Concatenated logits of runner over batches."""
+    outputs = [runner.predict(batch) for batch in batches]
+    return np.concatenate(outputs, axis=0)

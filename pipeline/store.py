@@ -1,0 +1,178 @@
+"""The output directory: atomic writes, content hashes, the stage cache, a lock.
+
+Everything a stage writes lands in a temporary directory first and is renamed
+into place only when complete, so a killed build never leaves a half-written
+artifact that a later run would trust. A cache entry is found by a key that
+hashes everything that changes the stage's output; on a hit the artifact's
+sha256 is checked again before it is reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from pipeline.artifacts import Artifact
+from pipeline.errors import PipelineError
+
+ARTIFACT_RECORD = "artifact.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def cache_key(stage: str, settings: Mapping[str, Any], input_sha: str, versions: Mapping[str, str]) -> str:
+    """The key of a stage's output: its settings, its input's content and the tool versions."""
+    payload = {"stage": stage, "settings": settings, "input": input_sha, "versions": versions}
+    return sha256_bytes(canonical_json(payload).encode())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write data to path through a temp file, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(root)
+
+
+class Store:
+    """out/<target>/: stage cache entries, cached eval outputs, the manifest."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the output directory for one build."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock_path = self.root / ".lock"
+        with open(lock_path, "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PipelineError(f"{self.root}: another build is using this output directory (lock {lock_path})")
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def stage_dir(self, stage: str, key: str) -> Path:
+        return self.root / "stages" / stage / key[:16]
+
+    def cached(self, stage: str, key: str) -> Artifact | None:
+        """The artifact stored under key, if present and its bytes still match."""
+        entry = self.stage_dir(stage, key)
+        record = entry / ARTIFACT_RECORD
+        if not record.is_file():
+            return None
+        try:
+            data = json.loads(record.read_text())
+            if data.get("key") != key:
+                return None
+            artifact = Artifact.from_json(data["artifact"], relative_to=entry)
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not artifact.path.exists() or artifact_digest(artifact.path) != artifact.sha256:
+            return None
+        return artifact
+
+    def commit(self, stage: str, key: str, produce: Callable[[Path], Artifact]) -> Artifact:
+        """Run produce(workdir) in a temp dir, then move the finished entry into place."""
+        final = self.stage_dir(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            artifact = produce(work)
+            relative = artifact.path.relative_to(work)
+            record = {"key": key, "stage": stage, "artifact": artifact.to_json(relative_to=work)}
+            (work / ARTIFACT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+            fsync_tree(work)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(work, final)
+            _fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        return Artifact(kind=artifact.kind, path=final / relative, sha256=artifact.sha256, meta=artifact.meta)
+
+    def cached_array(self, key: str) -> np.ndarray | None:
+        path = self.root / "outputs" / f"{key[:32]}.npy"
+        if not path.is_file():
+            return None
+        try:
+            return np.load(path, allow_pickle=False)
+        except (ValueError, OSError):
+            return None
+
+    def save_array(self, key: str, array: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        atomic_write_bytes(self.root / "outputs" / f"{key[:32]}.npy", buffer.getvalue())
+
+
+def artifact_digest(path: Path) -> str:
+    """sha256 of a file, or of a directory's files (names and bytes, in sorted order)."""
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(item.relative_to(path)).encode())
+        digest.update(sha256_file(item).encode())
+    return digest.hexdigest()

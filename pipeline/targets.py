@@ -1,0 +1,269 @@
+"""Deploy targets: one TOML file per target in targets/, validated on load.
+
+A target says what the device is, which TensorRT/CUDA it ships, how to
+quantize and build for it, how much to compress, and which parity gates the
+artifacts must pass. An unknown key, a wrong type or an impossible request
+(DLA on a device without DLA) is an InputError naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pipeline.errors import InputError
+from pipeline.parity import Gate
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    kind: Literal["jetson", "gpu", "cpu"]
+    compute_capability: str | None = None  # "8.7"; None for CPU targets
+    dla_cores: int = 0
+    memory_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class Software:
+    runtime: Literal["tensorrt", "onnxruntime"]
+    tensorrt: str | None = None  # "10.3"
+    cuda: str | None = None
+    jetpack: str | None = None
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """How the INT8 stage calibrates and where it puts Q/DQ."""
+
+    calibration: str = "emoji-default"  # a set in calibration/
+    method: Literal["minmax", "entropy", "percentile"] = "percentile"
+    percentile: float = 99.999
+    # "tensorrt": symmetric S8 activations and weights, per-channel weights;
+    # "cpu": the form ONNX Runtime's CPU kernels run fastest.
+    form: Literal["tensorrt", "cpu"] = "tensorrt"
+    op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
+    max_fallback_steps: int = 8
+
+
+@dataclass(frozen=True)
+class Batch:
+    min: int = 1
+    opt: int = 8
+    max: int = 32
+
+
+@dataclass(frozen=True)
+class Builder:
+    """TensorRT builder settings (ignored by ONNX Runtime targets)."""
+
+    workspace_mb: int = 1024
+    optimization_level: int = 3
+    batch: Batch = field(default_factory=Batch)
+    use_dla: bool = False
+    dla_core: int = 0
+    hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
+    version_compatible: bool = False
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Budget for the structural stages; a ratio of 0 skips pruning that branch."""
+
+    prune_image: float = 0.0
+    prune_text: float = 0.0
+    prune_fusion: float = 0.0
+    factorize_energy: float | None = None  # retained spectral energy; None skips factorization
+
+
+@dataclass(frozen=True)
+class Gates:
+    export: Gate = field(default_factory=lambda: Gate(min_agreement=1.0, max_abs_error=1e-3, knob="export is expected to be exact; report a bug"))
+    prune: Gate = field(default_factory=lambda: Gate(max_drop_pts=1.0, knob="lower compression.prune_* or raise the distillation steps"))
+    factorize: Gate = field(default_factory=lambda: Gate(max_drop_pts=1.0, knob="raise compression.factorize_energy"))
+    quantize: Gate = field(default_factory=lambda: Gate(max_drop_pts=1.0, min_agreement=0.97, knob="--calibration-method, a larger calibration set, or quantize.max_fallback_steps"))
+    engine: Gate = field(default_factory=lambda: Gate(min_agreement=0.99, knob="inspect the engine's layer precisions; build with fp16 fallback"))
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    device: Device
+    software: Software
+    aliases: tuple[str, ...] = ()
+    precision: Literal["int8", "fp16", "fp32"] = "int8"
+    quantize: Quantize = field(default_factory=Quantize)
+    builder: Builder = field(default_factory=Builder)
+    compression: Compression = field(default_factory=Compression)
+    gates: Gates = field(default_factory=Gates)
+    source: str = ""  # the TOML file it came from
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check value against annotation tp; return it converted (lists to tuples, tables to dataclasses)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except InputError as error:
+                errors.append(error)
+        raise errors[0] if errors else InputError(f"{where}: unexpected value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise InputError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is tuple:
+        (item_type, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise InputError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+        return _build(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise InputError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r}")  # a bug in this module, not in the file
+
+
+def _build(cls: type, table: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.name != "source"}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise InputError(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(known))})")
+    missing = [f.name for f in fields(cls) if f.name in known and f.name not in table
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise InputError(f"{where}: missing required key '{missing[0]}'")
+    values = {name: _coerce(value, hints[name], f"{where}.{name}" if where else name) for name, value in table.items()}
+    return cls(**values)
+
+
+def _check_consistency(target: Target, where: str) -> None:
+    if target.builder.use_dla and target.device.dla_cores == 0:
+        raise InputError(f"{where}: builder.use_dla = true but device '{target.device.name}' has no DLA cores (device.dla_cores = 0)")
+    if target.builder.use_dla and target.builder.dla_core >= target.device.dla_cores:
+        raise InputError(f"{where}: builder.dla_core = {target.builder.dla_core} but the device has {target.device.dla_cores} DLA core(s)")
+    batch = target.builder.batch
+    if not 1 <= batch.min <= batch.opt <= batch.max:
+        raise InputError(f"{where}: builder.batch must satisfy 1 <= min <= opt <= max (got {batch.min}, {batch.opt}, {batch.max})")
+    if target.builder.use_dla and not batch.min == batch.opt == batch.max:
+        raise InputError(f"{where}: DLA needs static shapes: builder.batch min, opt and max must be equal")
+    if target.software.runtime == "tensorrt" and not target.software.tensorrt:
+        raise InputError(f"{where}: software.runtime = 'tensorrt' needs software.tensorrt (the version the device ships)")
+    if not 0 <= target.builder.optimization_level <= 5:
+        raise InputError(f"{where}: builder.optimization_level must be 0..5")
+    comp = target.compression
+    for name in ("prune_image", "prune_text", "prune_fusion"):
+        ratio = getattr(comp, name)
+        if not 0.0 <= ratio < 1.0:
+            raise InputError(f"{where}: compression.{name} = {ratio} must be in [0, 1): a ratio of 1 would remove everything")
+    if comp.factorize_energy is not None and not 0.0 < comp.factorize_energy <= 1.0:
+        raise InputError(f"{where}: compression.factorize_energy = {comp.factorize_energy} must be in (0, 1]")
+
+
+def load_target_file(path: Path) -> Target:
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: target file not found")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid TOML: {error}")
+    target = _build(Target, table, "")
+    target = dataclasses.replace(target, source=str(path))
+    _check_consistency(target, str(path))
+    return target
+
+
+def _wrap_errors(path: Path, error: InputError) -> InputError:
+    text = str(error)
+    return error if text.startswith(str(path)) else InputError(f"{path}: {text}")
+
+
+def available_targets(directory: Path = TARGETS_DIR) -> dict[str, Target]:
+    """All targets in directory by name; each file is validated."""
+    found: dict[str, Target] = {}
+    for path in sorted(Path(directory).glob("*.toml")):
+        try:
+            target = load_target_file(path)
+        except InputError as error:
+            raise _wrap_errors(path, error)
+        if target.name != path.stem:
+            raise InputError(f"{path}: name = '{target.name}' must match the file name '{path.stem}'")
+        found[target.name] = target
+    return found
+
+
+def resolve_target(name_or_path: str, directory: Path = TARGETS_DIR) -> Target:
+    """A target by name, alias, or path to a TOML file."""
+    if name_or_path.endswith(".toml"):
+        path = Path(name_or_path)
+        try:
+            return load_target_file(path)
+        except InputError as error:
+            raise _wrap_errors(path, error)
+    targets = available_targets(directory)
+    if name_or_path in targets:
+        return targets[name_or_path]
+    for target in targets.values():
+        if name_or_path in target.aliases:
+            return target
+    names = sorted(list(targets) + [a for t in targets.values() for a in t.aliases])
+    raise InputError(f"unknown target '{name_or_path}'; known targets: {', '.join(names)} (files in {directory})")
+
+
+def with_overrides(target: Target, **overrides: Any) -> Target:
+    """A copy of target with dotted-path overrides applied, e.g. {"quantize.method": "minmax"}."""
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        target = _replace_path(target, dotted.split("."), value)
+    _check_consistency(target, f"{target.source} (with command-line overrides)")
+    return target
+
+
+def _replace_path(obj: Any, parts: list[str], value: Any) -> Any:
+    head, rest = parts[0], parts[1:]
+    current = getattr(obj, head)
+    return dataclasses.replace(obj, **{head: _replace_path(current, rest, value) if rest else value})
