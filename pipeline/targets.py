@@ -9,6 +9,7 @@ artifacts must pass. An unknown key, a wrong type or an impossible request
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -34,6 +35,7 @@ class Device:
     compute_capability: str | None = None  # "8.7"; None for CPU targets
     dla_cores: int = 0
     memory_gb: float | None = None
+    architecture: str | None = None  # "Ampere", "Ada", ...: shown in listings
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,15 @@ class Builder:
     dla_core: int = 0
     hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
     version_compatible: bool = False
+    # Weakly typed builds (TensorRT 8.x/10.x) may run the layers left unquantized
+    # in FP16 when this is true (BuilderFlag.FP16 beside INT8). Strongly typed
+    # builds ignore it: there FP16 comes only from an FP16-typed graph.
+    fp16_fallback: bool = True
+    # DLA layers that cannot run on the DLA run on the GPU (BuilderFlag.GPU_FALLBACK).
+    gpu_fallback: bool = True
+    # "auto": weak typing on TensorRT 8.x/10.x, strong typing on 11.x (where
+    # weak typing was removed); "strong" opts in on 10.x (deprecated weak typing).
+    network_typing: Literal["auto", "weak", "strong"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -193,6 +204,7 @@ def _check_consistency(target: Target, where: str) -> None:
         raise InputError(f"{where}: software.runtime = 'tensorrt' needs software.tensorrt (the version the device ships)")
     if not 0 <= target.builder.optimization_level <= 5:
         raise InputError(f"{where}: builder.optimization_level must be 0..5")
+    _check_device_and_tensorrt(target, where)
     comp = target.compression
     for name in ("prune_image", "prune_text", "prune_fusion"):
         ratio = getattr(comp, name)
@@ -200,6 +212,45 @@ def _check_consistency(target: Target, where: str) -> None:
             raise InputError(f"{where}: compression.{name} = {ratio} must be in [0, 1): a ratio of 1 would remove everything")
     if comp.factorize_energy is not None and not 0.0 < comp.factorize_energy <= 1.0:
         raise InputError(f"{where}: compression.factorize_energy = {comp.factorize_energy} must be in (0, 1]")
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """(10, 3, 0, 30) for "10.3.0.30": versions compare as tuples."""
+    return tuple(int(part) for part in re.findall(r"\d+", text))
+
+
+def _check_device_and_tensorrt(target: Target, where: str) -> None:
+    """Requests the device or its TensorRT cannot honour (facts: shared/TENSORRT.md)."""
+    device, software, builder = target.device, target.software, target.builder
+    if device.dla_cores < 0:
+        raise InputError(f"{where}: device.dla_cores = {device.dla_cores} must be >= 0")
+    if device.compute_capability is not None and not re.fullmatch(r"\d+\.\d+", device.compute_capability):
+        raise InputError(f"{where}: device.compute_capability = {device.compute_capability!r} must look like \"8.7\"")
+    if software.tensorrt is not None and not re.fullmatch(r"\d+(\.\d+){0,3}", software.tensorrt):
+        raise InputError(f"{where}: software.tensorrt = {software.tensorrt!r} must be a version like \"10.3\"")
+    if software.runtime == "tensorrt" and device.kind == "cpu":
+        raise InputError(f"{where}: software.runtime = 'tensorrt' needs a GPU device, but device.kind = 'cpu'")
+    if software.runtime == "tensorrt" and device.compute_capability is None:
+        raise InputError(f"{where}: software.runtime = 'tensorrt' needs device.compute_capability (engines are tied to the GPU)")
+    if builder.hardware_compatibility == "ampere_plus" and device.compute_capability is not None \
+            and version_tuple(device.compute_capability) < (8, 0):
+        raise InputError(f"{where}: builder.hardware_compatibility = 'ampere_plus' needs compute capability >= 8.0 "
+                         f"(device.compute_capability = {device.compute_capability})")
+    if builder.use_dla and target.precision == "fp32":
+        raise InputError(f"{where}: builder.use_dla = true needs precision int8 or fp16 (DLA runs only FP16 and INT8)")
+    trt = version_tuple(software.tensorrt) if software.tensorrt else None
+    if trt is None:
+        return
+    if builder.network_typing == "strong" and trt[0] < 10:
+        raise InputError(f"{where}: builder.network_typing = 'strong' needs TensorRT 10 or later (target ships {software.tensorrt})")
+    if (builder.hardware_compatibility != "none" or builder.version_compatible) and trt < (8, 6):
+        raise InputError(f"{where}: builder.hardware_compatibility / builder.version_compatible need TensorRT 8.6 or later "
+                         f"(target ships {software.tensorrt})")
+    if builder.network_typing == "weak" and trt[0] >= 11:
+        raise InputError(f"{where}: builder.network_typing = 'weak' but TensorRT {software.tensorrt} removed weak typing (11.x builds are strongly typed)")
+    # NVIDIA "Working with DLA" (TensorRT 11.4.1): no DLA in 11.0 through 11.4.0.
+    if builder.use_dla and (11,) <= trt < (11, 4, 1):
+        raise InputError(f"{where}: builder.use_dla = true but TensorRT {software.tensorrt} has no DLA support (11.0 to 11.4.0)")
 
 
 def load_target_file(path: Path) -> Target:
@@ -210,10 +261,23 @@ def load_target_file(path: Path) -> Target:
         raise InputError(f"{path}: target file not found")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: not valid TOML: {error}")
-    target = _build(Target, table, "")
+    try:
+        target = _build(Target, table, "")
+    except InputError as error:  # name the file: the key path alone does not say which target
+        raise _wrap_errors(path, error)
     target = dataclasses.replace(target, source=str(path))
     _check_consistency(target, str(path))
     return target
+
+
+def target_from_mapping(table: Mapping[str, Any], where: str) -> Target:
+    """A Target from a parsed table (a TOML file's, or the target.json a bundle carries), validated."""
+    try:
+        target = _build(Target, {key: value for key, value in table.items() if key != "source"}, "")
+        _check_consistency(target, where)
+    except InputError as error:
+        raise _wrap_errors(Path(where), error)
+    return dataclasses.replace(target, source=where)
 
 
 def _wrap_errors(path: Path, error: InputError) -> InputError:
@@ -251,6 +315,23 @@ def resolve_target(name_or_path: str, directory: Path = TARGETS_DIR) -> Target:
             return target
     names = sorted(list(targets) + [a for t in targets.values() for a in t.aliases])
     raise InputError(f"unknown target '{name_or_path}'; known targets: {', '.join(names)} (files in {directory})")
+
+
+def target_summary(target: Target) -> dict[str, Any]:
+    """One row of `python -m pipeline targets`: what the device is and what it ships."""
+    return {
+        "name": target.name,
+        "aliases": ", ".join(target.aliases),
+        "device": target.device.name,
+        "compute_capability": target.device.compute_capability or "-",
+        "dla_cores": target.device.dla_cores,
+        "runtime": target.software.runtime,
+        "tensorrt": target.software.tensorrt or "-",
+        "jetpack": target.software.jetpack or "-",
+        "cuda": target.software.cuda or "-",
+        "precision": target.precision,
+        "uses_dla": target.builder.use_dla,
+    }
 
 
 def with_overrides(target: Target, **overrides: Any) -> Target:

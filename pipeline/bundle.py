@@ -1,0 +1,344 @@
+"""The device bundle: everything a device needs to build the engine and prove it matches.
+
+Written where no TensorRT engine can be built (CI, a laptop): `out/<target>/bundle/`
+holds the INT8 Q/DQ ONNX, the resolved target, a frozen golden subset of the
+eval split (inputs, labels, the reference model's logits and the INT8 ONNX's
+logits), the parity thresholds, the readiness lint, SHA256SUMS and a README
+with the two device commands. On the device, `python -m pipeline engine
+--bundle DIR` builds the plan and `python -m pipeline verify --bundle DIR`
+checks it against the golden outputs (pipeline.device_commands).
+
+The bundle is built in a temporary directory beside the final one, fsynced,
+then moved into place, so a failed write never leaves a half bundle and
+leaves the previous one as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping
+
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.parity import Gate
+from pipeline.store import fsync_tree, sha256_file
+from pipeline.targets import Target, target_from_mapping
+
+BUNDLE_DIR = "bundle"
+MODEL_FILE = "model.int8.onnx"
+TARGET_FILE = "target.json"
+GOLDEN_FILE = "golden.npz"
+THRESHOLDS_FILE = "thresholds.json"
+LINT_FILE = "lint.json"
+README_FILE = "README.md"
+CHECKSUMS_FILE = "SHA256SUMS"
+# What the device writes into the bundle (plan, sidecar, timing cache) goes
+# here; it is not part of the shipped bundle, so the checksums ignore it.
+DEVICE_DIR = "device"
+
+_GOLDEN_KEYS = ("ids", "labels", "reference_logits", "int8_logits", "input_names")
+
+
+# ----------------------------------------------------------------- golden
+
+
+def _frozen(array: Any) -> np.ndarray:
+    copy = np.array(array, copy=True)
+    copy.setflags(write=False)
+    return copy
+
+
+@dataclass(frozen=True)
+class Golden:
+    """A frozen eval subset with the outputs the device must reproduce.
+
+    ids: stable sample ids; inputs: named model inputs ([N, ...] each, named as
+    the ONNX graph names them); labels: [N] ints; reference_logits: the
+    original model's [N, C]; int8_logits: the INT8 ONNX's [N, C] (ONNX Runtime).
+    """
+
+    ids: np.ndarray
+    inputs: Mapping[str, np.ndarray]
+    labels: np.ndarray
+    reference_logits: np.ndarray
+    int8_logits: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ids", _frozen(np.asarray(self.ids).astype(str)))
+        object.__setattr__(self, "labels", _frozen(np.asarray(self.labels).astype(np.int64)))
+        object.__setattr__(self, "reference_logits", _frozen(np.asarray(self.reference_logits, dtype=np.float32)))
+        object.__setattr__(self, "int8_logits", _frozen(np.asarray(self.int8_logits, dtype=np.float32)))
+        object.__setattr__(self, "inputs", {name: _frozen(value) for name, value in self.inputs.items()})
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        count = len(self.ids)
+        if count == 0:
+            raise InputError("golden set is empty: the bundle needs at least one sample")
+        if not self.inputs:
+            raise InputError("golden set has no inputs")
+        reserved = sorted(set(self.inputs) & set(_GOLDEN_KEYS))
+        if reserved:
+            raise InputError(f"golden input name(s) {reserved} clash with the bundle's own keys {_GOLDEN_KEYS}")
+        lengths = {"labels": len(self.labels), "reference_logits": len(self.reference_logits), "int8_logits": len(self.int8_logits)}
+        lengths.update({f"inputs['{name}']": len(value) for name, value in self.inputs.items()})
+        wrong = {name: n for name, n in lengths.items() if n != count}
+        if wrong:
+            raise InputError(f"golden set: {count} ids but {wrong}")
+        if self.reference_logits.shape != self.int8_logits.shape or self.reference_logits.ndim != 2:
+            raise InputError(f"golden logits must both be [N, C]: reference {self.reference_logits.shape}, int8 {self.int8_logits.shape}")
+
+    def to_npz_bytes(self) -> bytes:
+        arrays = {name: np.ascontiguousarray(value) for name, value in self.inputs.items()}
+        arrays.update(ids=self.ids, labels=self.labels, reference_logits=self.reference_logits,
+                      int8_logits=self.int8_logits, input_names=np.array(sorted(self.inputs), dtype=str))
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        return buffer.getvalue()
+
+    @staticmethod
+    def load(path: Path) -> "Golden":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                names = [str(n) for n in data["input_names"]]
+                return Golden(ids=data["ids"], inputs={name: data[name] for name in names}, labels=data["labels"],
+                              reference_logits=data["reference_logits"], int8_logits=data["int8_logits"])
+        except (OSError, KeyError, ValueError) as error:
+            raise InputError(f"{path}: not a readable golden set ({error})")
+
+
+# ----------------------------------------------------------------- writing
+
+
+def device_readme(target: Target) -> str:
+    """README.md of the bundle: what it is and the two device commands."""
+    software = target.software
+    ships = f"TensorRT {software.tensorrt}" + (f" (JetPack {software.jetpack})" if software.jetpack else "")
+    return f"""# Device bundle for target `{target.name}`
+
+{target.description}
+
+This folder holds everything the device needs: the INT8 Q/DQ ONNX model
+(`{MODEL_FILE}`), the resolved target (`{TARGET_FILE}`), a frozen golden set of
+eval samples with the reference and INT8 ONNX outputs (`{GOLDEN_FILE}`), the
+parity thresholds (`{THRESHOLDS_FILE}`), the TensorRT readiness report
+(`{LINT_FILE}`) and checksums of all of them (`{CHECKSUMS_FILE}`).
+
+The device should have {ships} and a GPU of compute capability
+{target.device.compute_capability or '-'} ({target.device.name}).
+
+## On the device
+
+```
+pip install edgepipe            # this project (or pip install -e . from a checkout); TensorRT from JetPack or NVIDIA's index
+python -m pipeline engine --bundle .          # checks checksums and versions, builds device/model.plan
+python -m pipeline verify --bundle .          # runs the golden set through the plan, exits 0 or 3
+```
+
+`verify --runtime ort` runs the same check with ONNX Runtime on the CPU (no
+GPU needed). `sha256sum -c {CHECKSUMS_FILE}` checks the files by hand.
+Files the device writes go to `{DEVICE_DIR}/`, which the checksums ignore.
+"""
+
+
+def _checked_extra_name(name: str) -> str:
+    path = PurePosixPath(name)
+    reserved = {MODEL_FILE, TARGET_FILE, GOLDEN_FILE, THRESHOLDS_FILE, LINT_FILE, README_FILE, CHECKSUMS_FILE}
+    if path.is_absolute() or ".." in path.parts or not path.parts or path.parts[0] in (DEVICE_DIR, ".") \
+            or str(path) in reserved:
+        raise InputError(f"bundle extra file name {name!r} must be a relative path inside the bundle, not {sorted(reserved)} or {DEVICE_DIR}/")
+    return str(path)
+
+
+def thresholds_json(thresholds: Gate) -> dict[str, Any]:
+    return {"compared_with": "int8_onnx", "gate": dataclasses.asdict(thresholds)}
+
+
+def _ensure_self_contained(onnx_path: Path) -> None:
+    """The bundle carries one ONNX file: weights in external data files would be left behind."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    external = [init.name for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise InputError(f"{onnx_path}: {len(external)} initializer(s) keep their data in external files "
+                         f"(e.g. '{external[0]}'); save the model as one file for the bundle")
+
+
+def write_bundle(out_dir: Path, qdq_onnx: Path, target: Target, golden: Golden, thresholds: Gate,
+                 lint_report: Mapping[str, Any], extra_files: Mapping[str, Path] | None = None) -> Path:
+    """Write out_dir/bundle atomically and return its path.
+
+    thresholds: the gate the device's outputs must meet against the golden
+    INT8 ONNX outputs (normally target.gates.engine). lint_report: the
+    readiness lint as JSON (LintReport.to_json()). extra_files: more files to
+    ship, by name inside the bundle.
+    """
+    out_dir, qdq_onnx = Path(out_dir), Path(qdq_onnx)
+    if not qdq_onnx.is_file():
+        raise InputError(f"{qdq_onnx}: INT8 ONNX model not found")
+    _ensure_self_contained(qdq_onnx)
+    extras = {_checked_extra_name(name): Path(path) for name, path in (extra_files or {}).items()}
+    missing = [str(path) for path in extras.values() if not path.is_file()]
+    if missing:
+        raise InputError(f"bundle extra file(s) not found: {missing}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{BUNDLE_DIR}.", dir=out_dir))
+    try:
+        shutil.copyfile(qdq_onnx, work / MODEL_FILE)
+        _write_json(work / TARGET_FILE, target.to_json())
+        (work / GOLDEN_FILE).write_bytes(golden.to_npz_bytes())
+        _write_json(work / THRESHOLDS_FILE, thresholds_json(thresholds))
+        _write_json(work / LINT_FILE, dict(lint_report))
+        (work / README_FILE).write_text(device_readme(target), encoding="utf-8")
+        for name, source in extras.items():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, work / name)
+        (work / CHECKSUMS_FILE).write_text(checksums_text(work), encoding="utf-8")
+        fsync_tree(work)
+        return _move_into_place(work, out_dir / BUNDLE_DIR)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def _move_into_place(work: Path, final: Path) -> Path:
+    """Swap the finished bundle in; the old one is removed only after the new one is in place."""
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+        os.replace(final, old / final.name)
+    os.replace(work, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------- checking
+
+
+def _bundle_files(bundle_dir: Path) -> list[str]:
+    """Relative POSIX names of the shipped files (SHA256SUMS and device/ excluded), sorted."""
+    names = []
+    for path in bundle_dir.rglob("*"):
+        relative = path.relative_to(bundle_dir)
+        if path.is_file() and relative.parts[0] != DEVICE_DIR and str(relative) != CHECKSUMS_FILE:
+            names.append(relative.as_posix())
+    return sorted(names)
+
+
+def checksums_text(bundle_dir: Path) -> str:
+    """SHA256SUMS in `sha256sum` format ("<hex>  <name>"), so `sha256sum -c` checks it too."""
+    return "".join(f"{sha256_file(bundle_dir / name)}  {name}\n" for name in _bundle_files(bundle_dir))
+
+
+def _parse_checksums(path: Path) -> list[tuple[str, str]]:
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        digest, sep, name = line.partition("  ")
+        if not sep:  # sha256sum's binary-mode marker: "<hex> *<name>"
+            digest, sep, name = line.partition(" *")
+        if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+            raise InputError(f"{path}:{number}: not a sha256sum line: {line!r}")
+        entries.append((digest.lower(), name))
+    return entries
+
+
+def verify_bundle_checksums(bundle_dir: Path) -> None:
+    """InputError naming the first file that is missing, changed, or not listed in SHA256SUMS."""
+    bundle_dir = Path(bundle_dir)
+    sums = bundle_dir / CHECKSUMS_FILE
+    if not bundle_dir.is_dir():
+        raise InputError(f"{bundle_dir}: bundle directory not found")
+    if not sums.is_file():
+        raise InputError(f"{sums}: missing; is {bundle_dir} a bundle written by `python -m pipeline build`?")
+    entries = _parse_checksums(sums)
+    for digest, name in entries:
+        path = bundle_dir / name
+        if not path.is_file():
+            raise InputError(f"{path}: listed in {CHECKSUMS_FILE} but missing from the bundle")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise InputError(f"{path}: checksum mismatch (expected {digest[:16]}..., found {actual[:16]}...): "
+                             "the file changed after the bundle was written")
+    listed = {name for _, name in entries}
+    extra = [name for name in _bundle_files(bundle_dir) if name not in listed]
+    if extra:
+        raise InputError(f"{bundle_dir / extra[0]}: not listed in {CHECKSUMS_FILE} (files the device writes belong in {DEVICE_DIR}/)")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A checked bundle, read back: what `engine` and `verify` work from."""
+
+    path: Path
+    model: Path
+    target: Target
+    golden: Golden
+    thresholds: Gate
+    lint: Mapping[str, Any]
+
+    @property
+    def device_dir(self) -> Path:
+        return self.path / DEVICE_DIR
+
+
+def load_bundle(bundle_dir: Path) -> Bundle:
+    """Verify the checksums, then read the bundle's target, golden set and thresholds."""
+    bundle_dir = Path(bundle_dir)
+    verify_bundle_checksums(bundle_dir)
+    target = target_from_json(_read_json(bundle_dir / TARGET_FILE), bundle_dir / TARGET_FILE)
+    thresholds = _read_json(bundle_dir / THRESHOLDS_FILE)
+    try:
+        gate = Gate.from_mapping(thresholds["gate"])
+    except (KeyError, TypeError) as error:
+        raise InputError(f"{bundle_dir / THRESHOLDS_FILE}: no valid 'gate' ({error})")
+    return Bundle(path=bundle_dir, model=bundle_dir / MODEL_FILE, target=target,
+                  golden=Golden.load(bundle_dir / GOLDEN_FILE), thresholds=gate,
+                  lint=_read_json(bundle_dir / LINT_FILE))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not readable JSON ({error})")
+
+
+def target_from_json(data: Mapping[str, Any], where: Path) -> Target:
+    """A Target from target.json (Target.to_json()), validated like a TOML file."""
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    return target_from_mapping(_drop_nones(data), str(where))
+
+
+def _drop_nones(value: Any) -> Any:
+    """JSON null stands for a key left at its default (TOML has no null)."""
+    if isinstance(value, dict):
+        return {key: _drop_nones(item) for key, item in value.items() if item is not None}
+    return value
+
+
+def sha256_of_bundle(bundle_dir: Path) -> str:
+    """One digest for the whole bundle: the sha256 of its SHA256SUMS file."""
+    return hashlib.sha256((Path(bundle_dir) / CHECKSUMS_FILE).read_bytes()).hexdigest()

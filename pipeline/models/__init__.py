@@ -1,0 +1,55 @@
+"""Reference fused models: a registry from name to (default config, builder).
+
+A user's own model is named `package.module:factory` instead; see user.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, NamedTuple
+
+from torch import nn
+
+from pipeline.errors import InputError
+from pipeline.models.fused import FusedClassifier, FusedConfig, build_effnet_minilm, build_tiny
+
+DEFAULT_MODEL = "fused-effnet-minilm"
+
+
+class ModelEntry(NamedTuple):
+    default_config: Callable[[int], FusedConfig]  # num_classes -> config
+    build: Callable[[FusedConfig, bool], FusedClassifier]  # (config, pretrained) -> model
+    description: str
+
+
+MODELS: dict[str, ModelEntry] = {
+    "fused-effnet-minilm": ModelEntry(
+        default_config=lambda n: FusedConfig(name="fused-effnet-minilm", num_classes=n),
+        build=build_effnet_minilm,
+        description="pretrained EfficientNet-Lite0 + all-MiniLM-L6-v2, attention fusion, tails fine-tuned",
+    ),
+    "fused-tiny": ModelEntry(
+        default_config=lambda n: FusedConfig(
+            name="fused-tiny", num_classes=n, fusion="concat", fusion_dim=64, dropout=0.1, image_size=32,
+            text={"hidden": 64, "layers": 2, "heads": 4, "intermediate": 128, "max_positions": 64},
+        ),
+        build=build_tiny,
+        description="small CNN + 2-layer Transformer trained from scratch (tests, quick runs)",
+    ),
+}
+
+
+def default_config(name: str, num_classes: int, fusion: str | None = None) -> FusedConfig:
+    entry = lookup(name)
+    config = entry.default_config(num_classes)
+    return replace(config, fusion=fusion) if fusion else config
+
+
+def lookup(name: str) -> ModelEntry:
+    if name not in MODELS:
+        raise InputError(f"unknown model '{name}'; known models: {', '.join(MODELS)} (or package.module:factory for your own)")
+    return MODELS[name]
+
+
+def build_model(config: FusedConfig, pretrained: bool) -> nn.Module:
+    return lookup(config.name).build(config, pretrained)

@@ -1,0 +1,91 @@
+"""Torch artifacts on disk: a directory with model.pt (a state dict) and model.json.
+
+model.json says how to rebuild the architecture: a registry model's config,
+or a user's factory reference. Weights are always loaded with
+weights_only=True: a checkpoint can hold tensors, never code.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from pipeline.data.encode import InputSpec
+from pipeline.errors import InputError
+from pipeline.models import build_model
+from pipeline.models.fused import FusedConfig
+from pipeline.models.user import build_user_model
+
+WEIGHTS = "model.pt"
+DESCRIPTION = "model.json"
+
+
+def describe_registry_model(config: FusedConfig) -> dict[str, Any]:
+    return {"kind": "registry", "config": config.to_json(), "input_spec": config.input_spec().to_json()}
+
+
+def describe_user_model(reference: str, num_classes: int, spec: InputSpec) -> dict[str, Any]:
+    return {"kind": "factory", "factory": reference, "num_classes": num_classes, "input_spec": spec.to_json()}
+
+
+def input_spec_of(description: Mapping[str, Any]) -> InputSpec:
+    spec = dict(description["input_spec"])
+    return InputSpec(image_size=spec["image_size"], mean=tuple(spec["mean"]), std=tuple(spec["std"]), max_tokens=spec["max_tokens"])
+
+
+def build_architecture(description: Mapping[str, Any], pretrained: bool) -> nn.Module:
+    if description["kind"] == "registry":
+        return build_model(FusedConfig.from_json(description["config"]), pretrained=pretrained)
+    return build_user_model(description["factory"], description["num_classes"])
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file, with a clear error for anything that is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: weights file not found")
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({first_line})")
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path}: expected a state dict (parameter name -> tensor), got {type(state).__name__}")
+    return state
+
+
+def load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: Path) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise InputError(f"{source}: weights do not match the model ({len(missing)} missing, {len(unexpected)} unexpected keys; {detail})")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise InputError(f"{source}: '{key}' has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}")
+    model.load_state_dict(state)
+
+
+def save_torch_artifact(directory: Path, model: nn.Module, description: Mapping[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, directory / WEIGHTS)
+    (directory / DESCRIPTION).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+
+
+def read_description(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / DESCRIPTION).read_text())
+
+
+def load_torch_artifact(directory: Path) -> nn.Module:
+    description = read_description(directory)
+    model = build_architecture(description, pretrained=False)
+    load_weights_into(model, read_state_dict(directory / WEIGHTS), directory / WEIGHTS)
+    return model.eval()

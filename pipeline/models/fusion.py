@@ -1,0 +1,66 @@
+"""Fusion modules: how the image and text feature vectors become one.
+
+The three strategies used for late fusion of two modalities:
+- concat: project each modality, concatenate;
+- weighted: project each to a shared space, mix with learned per-modality weights;
+- attention: treat the two projected vectors as tokens and attention-pool them
+  with a learned query, so the mix is decided per sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+FUSIONS = ("concat", "weighted", "attention")
+
+
+class ConcatFusion(nn.Module):
+    def __init__(self, image_features: int, text_features: int, dim: int):
+        super().__init__()
+        self.image_proj = nn.Linear(image_features, dim)
+        self.text_proj = nn.Linear(text_features, dim)
+        self.act = nn.ReLU()
+        self.out_features = 2 * dim
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.act(self.image_proj(image)), self.act(self.text_proj(text))], dim=1)
+
+
+class WeightedFusion(nn.Module):
+    def __init__(self, image_features: int, text_features: int, dim: int):
+        super().__init__()
+        self.image_proj = nn.Linear(image_features, dim)
+        self.text_proj = nn.Linear(text_features, dim)
+        self.act = nn.ReLU()
+        self.modality_logits = nn.Parameter(torch.zeros(2))
+        self.out_features = dim
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.modality_logits, dim=0)
+        return weights[0] * self.act(self.image_proj(image)) + weights[1] * self.act(self.text_proj(text))
+
+
+class AttentionFusion(nn.Module):
+    def __init__(self, image_features: int, text_features: int, dim: int):
+        super().__init__()
+        self.image_proj = nn.Linear(image_features, dim)
+        self.text_proj = nn.Linear(text_features, dim)
+        self.act = nn.ReLU()
+        self.query = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
+        self.out_features = dim
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        tokens = torch.stack([self.act(self.image_proj(image)), self.act(self.text_proj(text))], dim=1)  # [N, 2, D]
+        scores = torch.matmul(tokens, self.query) / math.sqrt(tokens.shape[-1])  # [N, 2]
+        weights = torch.softmax(scores, dim=1).unsqueeze(-1)
+        return (weights * tokens).sum(dim=1)
+
+
+def make_fusion(kind: str, image_features: int, text_features: int, dim: int) -> nn.Module:
+    classes = {"concat": ConcatFusion, "weighted": WeightedFusion, "attention": AttentionFusion}
+    if kind not in classes:
+        raise ValueError(f"unknown fusion '{kind}'; choose one of {', '.join(FUSIONS)}")
+    return classes[kind](image_features, text_features, dim)
