@@ -171,7 +171,7 @@ def train(
             loss.backward()
             optimizer.step()
             schedule.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         val_acc = evaluate_accuracy(model, val_features, settings.batch_size)
         history.append((float(np.mean(losses)), val_acc))
         bar.set_postfix(loss=f"{history[-1][0]:.3f}", val_acc=f"{val_acc:.3f}")

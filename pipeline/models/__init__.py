@@ -12,6 +12,7 @@ from torch import nn
 
 from pipeline.errors import InputError
 from pipeline.models.fused import FusedClassifier, FusedConfig, build_effnet_minilm, build_tiny
+from pipeline.training import TrainSettings
 
 DEFAULT_MODEL = "fused-effnet-minilm"
 
@@ -20,6 +21,7 @@ class ModelEntry(NamedTuple):
     default_config: Callable[[int], FusedConfig]  # num_classes -> config
     build: Callable[[FusedConfig, bool], FusedClassifier]  # (config, pretrained) -> model
     description: str
+    train: TrainSettings = TrainSettings()
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -35,6 +37,7 @@ MODELS: dict[str, ModelEntry] = {
         ),
         build=build_tiny,
         description="small CNN + 2-layer Transformer trained from scratch (tests, quick runs)",
+        train=TrainSettings(epochs=25, lr=3e-3, batch_size=32),
     ),
 }
 
@@ -43,6 +46,11 @@ def default_config(name: str, num_classes: int, fusion: str | None = None) -> Fu
     entry = lookup(name)
     config = entry.default_config(num_classes)
     return replace(config, fusion=fusion) if fusion else config
+
+
+def train_defaults(name: str) -> TrainSettings:
+    """The training recipe of a built-in model; a user's model (package.module:factory) gets the generic one."""
+    return MODELS[name].train if name in MODELS else TrainSettings()
 
 
 def lookup(name: str) -> ModelEntry:

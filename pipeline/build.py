@@ -1,0 +1,330 @@
+"""The conductor: plan the stages, run them through the cache, gate every artifact, write the manifest.
+
+The whole pipeline reads top to bottom in build(): source -> export ->
+quantize -> engine (or device bundle). Stages are functions artifact ->
+artifact; this module is the only one that knows about caching, parity gates
+and the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.artifacts import Artifact
+from pipeline.data import load_dataset
+from pipeline.data.base import Dataset
+from pipeline.data.calibration import CalibrationSet, load_calibration_set
+from pipeline.data.encode import Encoded, InputSpec, encode
+from pipeline.errors import EngineRequired, GateFailed, InputError
+from pipeline.parity import Gate, ParityRow, check_gate, parity_row
+from pipeline.runners import OrtRunner, Runner, TorchRunner, run_batches
+from pipeline.store import Store, artifact_digest, atomic_write_json, cache_key, canonical_json, sha256_bytes, sha256_file
+from pipeline.targets import Target
+from pipeline.training import TrainSettings
+
+MANIFEST_SCHEMA = 1
+GOLDEN_SAMPLES = 128
+VERSIONED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxscript", "numpy", "transformers", "torch-pruning", "tensorrt")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    target: Target
+    out: Path
+    model: str = "fused-effnet-minilm"  # a registry name or package.module:factory
+    data: str = "emoji"  # a registered data set or a folder in the samples.jsonl format
+    weights: Path | None = None  # load these instead of training
+    fusion: str | None = None  # override the registry model's fusion
+    train: TrainSettings = field(default_factory=TrainSettings)
+    simplifier: str = "onnxsim"
+    eval_batch: int = 32
+    require_engine: bool = False
+
+
+@dataclass(frozen=True)
+class StageResult:
+    name: str
+    artifact: Artifact
+    cached: bool
+    wall_s: float
+    settings: dict
+    parity: ParityRow | None = None
+    gate: Gate | None = None
+    facts: dict = field(default_factory=dict)
+
+    def to_json(self, root: Path) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "artifact": self.artifact.to_json(relative_to=root),
+            "size_bytes": size_of(self.artifact.path),
+            "cached": self.cached,
+            "wall_s": round(self.wall_s, 3),
+            "settings": self.settings,
+            "parity": self.parity.to_json() if self.parity else None,
+            "gate": dataclasses.asdict(self.gate) if self.gate else None,
+            "facts": self.facts,
+        }
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"edgepipe": __version__, "python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
+class Splits:
+    """Encoded splits, computed on first use: a fully cached rebuild decodes no image."""
+
+    def __init__(self, dataset: Dataset, spec: InputSpec):
+        self.dataset = dataset
+        self.spec = spec
+
+    @functools.cache
+    def get(self, split: str) -> Encoded:
+        return encode(self.dataset.split(split), self.spec)
+
+    def fingerprint(self, split: str) -> str:
+        return sha256_bytes(canonical_json({"data": self.dataset.fingerprint, "split": split, "spec": self.spec.to_json()}).encode())
+
+
+class Conductor:
+    """Runs stages through the store's cache and keeps the ledger."""
+
+    def __init__(self, config: BuildConfig, store: Store, versions: dict[str, str], splits: Splits, progress: Callable[[str], None]):
+        self.config = config
+        self.store = store
+        self.versions = versions
+        self.splits = splits
+        self.say = progress
+        self.results: list[StageResult] = []
+        self.logits: dict[str, np.ndarray] = {}
+
+    def run_stage(self, name: str, settings: dict, input_sha: str, produce: Callable[[Path], Artifact]) -> tuple[Artifact, bool, float]:
+        key = cache_key(name, settings, input_sha, self.versions)
+        start = time.perf_counter()
+        cached = self.store.cached(name, key)
+        if cached is not None:
+            self.say(f"[{name}] cached ({cached.path.relative_to(self.store.root)})")
+            return cached, True, time.perf_counter() - start
+        self.say(f"[{name}] running")
+        artifact = self.store.commit(name, key, produce)
+        return artifact, False, time.perf_counter() - start
+
+    def outputs(self, artifact: Artifact, runner: Callable[[], Runner], split: str = "eval") -> np.ndarray:
+        """Logits of an artifact on a split, cached by artifact content and split content."""
+        key = sha256_bytes(f"{artifact.sha256}|{self.splits.fingerprint(split)}|{artifact.kind}".encode())
+        logits = self.store.cached_array(key)
+        if logits is None:
+            logits = run_batches(runner(), self.splits.get(split).batches(self.config.eval_batch))
+            self.store.save_array(key, logits)
+        return logits
+
+    def labels(self) -> np.ndarray:
+        return np.asarray([s.label for s in self.splits.dataset.split("eval")], dtype=np.int64)
+
+    def record(self, name: str, artifact: Artifact, cached: bool, wall_s: float, settings: dict, logits: np.ndarray | None, gate: Gate | None, facts: dict | None = None) -> None:
+        row = None
+        if logits is not None:
+            reference = self.logits.get("source", logits)
+            previous = next(reversed(self.logits.values()), logits)
+            row = parity_row(name, logits, reference, previous, self.labels())
+            self.logits[name] = logits
+        self.results.append(StageResult(name, artifact, cached, wall_s, settings, row, gate, facts or {}))
+        if row is not None and gate is not None:
+            violations = check_gate(gate, row)
+            if violations:
+                raise GateFailed(violations[0].message())
+
+
+# ------------------------------------------------------------------ stages as the conductor sees them
+
+
+def source_stage(c: Conductor, dataset: Dataset) -> Artifact:
+    from pipeline.stages.source import load_source, source_settings, train_source
+
+    config = c.config
+    settings = source_settings(config.model, dataset, config.fusion, config.train, config.weights)
+    input_sha = dataset.fingerprint if config.weights is None else sha256_file(config.weights)
+    if config.weights is None:
+        produce = lambda wd: train_source(config.model, dataset, config.fusion, config.train, c.splits, wd)
+    else:
+        produce = lambda wd: load_source(config.model, dataset, config.fusion, config.weights, wd)
+    artifact, cached, wall = c.run_stage("source", settings, input_sha, produce)
+    logits = c.outputs(artifact, lambda: TorchRunner(_load_torch(artifact)))
+    c.record("source", artifact, cached, wall, settings, logits, gate=None, facts=dict(artifact.meta))
+    return artifact
+
+
+def _load_torch(artifact: Artifact):
+    from pipeline.models.checkpoint import load_torch_artifact
+
+    return load_torch_artifact(artifact.path)
+
+
+def export_stage(c: Conductor, torch_artifact: Artifact, spec: InputSpec) -> Artifact:
+    from pipeline.stages.export import OPSET, export_onnx
+
+    settings = {"simplifier": c.config.simplifier, "opset": OPSET, "spec": spec.to_json()}
+    artifact, cached, wall = c.run_stage("export", settings, torch_artifact.sha256,
+                                         lambda wd: export_onnx(_load_torch(torch_artifact), spec, wd, c.config.simplifier))
+    logits = c.outputs(artifact, lambda: OrtRunner(artifact.path))
+    c.record("export", artifact, cached, wall, settings, logits, c.config.target.gates.export, dict(artifact.meta))
+    return artifact
+
+
+def quantize_stage(c: Conductor, fp32: Artifact, torch_artifact: Artifact, calibration: CalibrationSet) -> Artifact:
+    from pipeline.stages import quantize as q
+
+    target = c.config.target
+    settings = {**q.quantize_settings(target.quantize), "calibration": {"name": calibration.name, "sha256": calibration.sha256},
+                "tuning": c.splits.fingerprint("calib"), "gate": dataclasses.asdict(target.gates.quantize)}
+
+    def produce(workdir: Path) -> Artifact:
+        calib = c.splits.get(calibration.split).select_ids(calibration.ids)
+        evaluator = None
+        if hasattr(q, "make_evaluator"):
+            reference = c.outputs(torch_artifact, lambda: TorchRunner(_load_torch(torch_artifact)), split="calib")
+            evaluator = q.make_evaluator(c.splits.get("calib"), reference, target.gates.quantize)
+        return q.quantize(fp32, calib, target.quantize, workdir, evaluator=evaluator) if evaluator else q.quantize(fp32, calib, target.quantize, workdir)
+
+    artifact, cached, wall = c.run_stage("quantize", settings, fp32.sha256, produce)
+    logits = c.outputs(artifact, lambda: OrtRunner(artifact.path))
+    c.record("quantize", artifact, cached, wall, settings, logits, target.gates.quantize, dict(artifact.meta))
+    return artifact
+
+
+def deploy_stage(c: Conductor, int8: Artifact) -> dict[str, Any]:
+    """Build the TensorRT engine where possible, else write the device bundle. Returns the manifest's engine entry."""
+    target = c.config.target
+    if target.software.runtime != "tensorrt":
+        return {"status": "not-applicable", "reason": f"target '{target.name}' deploys the INT8 ONNX with ONNX Runtime"}
+    from pipeline import lint
+    from pipeline.stages.engine import tensorrt_status
+
+    report = lint.lint_onnx(int8.path, target)
+    report.raise_on_errors()
+    available, reason = tensorrt_status()
+    if available:
+        return engine_stage(c, int8, report.to_json(), reason)
+    if c.config.require_engine:
+        raise EngineRequired(f"--require-engine: no TensorRT engine can be built here: {reason}")
+    bundle = bundle_stage(c, int8, report.to_json())
+    return {"status": "deferred", "reason": reason, "bundle": str(bundle.relative_to(c.store.root)),
+            "lint": {"errors": len(report.errors), "warnings": len(report.warnings)}}
+
+
+def golden_indices(n: int, limit: int = GOLDEN_SAMPLES) -> np.ndarray:
+    """A fixed, spread-out subset of the eval split (every k-th sample)."""
+    return np.unique(np.linspace(0, n - 1, num=min(n, limit)).round().astype(np.int64))
+
+
+def bundle_stage(c: Conductor, int8: Artifact, lint_json: dict) -> Path:
+    from pipeline.bundle import Golden, write_bundle
+
+    eval_data = c.splits.get("eval")
+    index = golden_indices(len(eval_data))
+    subset = eval_data.subset(index)
+    golden = Golden(ids=np.asarray(subset.ids), inputs=dict(subset.inputs), labels=subset.labels,
+                    reference_logits=c.logits["source"][index], int8_logits=c.logits["quantize"][index])
+    c.say("[bundle] writing device bundle")
+    return write_bundle(c.store.root, int8.path, c.config.target, golden, c.config.target.gates.engine, lint_json)
+
+
+def engine_stage(c: Conductor, int8: Artifact, lint_json: dict, status: str) -> dict[str, Any]:
+    from pipeline.runners_trt import TrtRunner
+    from pipeline.stages.engine import build_engine, engine_metadata, engine_settings, local_tensorrt
+
+    target = c.config.target
+    local = local_tensorrt()
+    settings = {**engine_settings(target), "tensorrt": local.tensorrt_version, "gpu": local.gpu_name, "cc": local.compute_capability}
+
+    def produce(workdir: Path) -> Artifact:
+        result = build_engine(int8.path, target, workdir, c.store.root / "timing-cache")
+        return Artifact("engine", result.plan_path, sha256_file(result.plan_path), engine_metadata(result, target, int8.path))
+
+    artifact, cached, wall = c.run_stage("engine", settings, int8.sha256, produce)
+    logits = c.outputs(artifact, lambda: TrtRunner(artifact.path))
+    # The engine must agree with the INT8 ONNX it was built from.
+    row = parity_row("engine", logits, c.logits["quantize"], c.logits["quantize"], c.labels())
+    c.record("engine", artifact, cached, wall, settings, logits, gate=None, facts={**artifact.meta, "lint": lint_json})
+    violations = check_gate(target.gates.engine, row)
+    if violations:
+        raise GateFailed(violations[0].message().replace("vs reference", "vs INT8 ONNX"))
+    return {"status": "built", "reason": status, "plan": str(artifact.path.relative_to(c.store.root))}
+
+
+# ------------------------------------------------------------------ the pipeline
+
+
+def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the pipeline; return the manifest (also written to out/manifest.json).
+
+    A failed gate still writes the manifest (status "failed") before GateFailed propagates.
+    """
+    from pipeline.stages.source import model_input_spec
+
+    store = Store(config.out)
+    started = time.perf_counter()
+    with store.lock():
+        versions = tool_versions()
+        dataset = load_dataset(config.data)
+        calibration = load_calibration_set(config.target.quantize.calibration, dataset)
+        spec = model_input_spec(config.model, dataset, config.fusion, config.weights)
+        conductor = Conductor(config, store, versions, Splits(dataset, spec), progress)
+        engine: dict[str, Any] = {"status": "not-run"}
+        failure = None
+        try:
+            torch_model = source_stage(conductor, dataset)
+            fp32 = export_stage(conductor, torch_model, spec)
+            int8 = quantize_stage(conductor, fp32, torch_model, calibration)
+            engine = deploy_stage(conductor, int8)
+        except GateFailed as error:
+            failure = str(error)
+            raise
+        finally:
+            manifest = make_manifest(config, versions, dataset, calibration, conductor, engine, failure, time.perf_counter() - started)
+            atomic_write_json(store.root / "manifest.json", manifest)
+    return manifest
+
+
+def make_manifest(config: BuildConfig, versions: dict, dataset: Dataset, calibration: CalibrationSet, c: Conductor,
+                  engine: dict, failure: str | None, wall_s: float) -> dict[str, Any]:
+    root = c.store.root
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "status": "failed" if failure else ("ok" if c.results else "error"),
+        "failure": failure,
+        "versions": versions,
+        "target": config.target.to_json(),
+        "config": {
+            "model": config.model, "data": config.data, "weights": str(config.weights) if config.weights else None,
+            "fusion": config.fusion, "train": dataclasses.asdict(config.train), "simplifier": config.simplifier,
+            "eval_batch": config.eval_batch, "require_engine": config.require_engine,
+        },
+        "data": {
+            "dataset": dataset.name, "fingerprint": dataset.fingerprint, "classes": list(dataset.classes),
+            "splits": {name: len(samples) for name, samples in dataset.splits.items()},
+            "calibration": {"name": calibration.name, "sha256": calibration.sha256, "size": len(calibration.ids), "frozen": calibration.frozen},
+        },
+        "stages": [result.to_json(root) for result in c.results],
+        "engine": engine,
+        "wall_s": round(wall_s, 2),
+    }

@@ -1,0 +1,125 @@
+"""Command line: build, targets, and the on-device commands (engine, verify, inspect)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline.errors import PipelineError
+
+DEFAULT_TARGET = "jetson"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from pipeline import device_commands
+    from pipeline.models import DEFAULT_MODEL
+    from pipeline.models.fusion import FUSIONS
+    from pipeline.training import TrainSettings
+
+    defaults = TrainSettings()
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Fused image+text model -> gated INT8 ONNX -> TensorRT engine or device bundle.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="train or load the model, export, quantize, gate every stage, build the engine or bundle")
+    build.add_argument("--target", default=DEFAULT_TARGET, help="target name, alias or TOML file (see `targets`; default: jetson)")
+    build.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in model name or package.module:factory for your own nn.Module (default: {DEFAULT_MODEL})")
+    build.add_argument("--weights", type=Path, default=None, help="state dict (.pt) to load instead of training; loaded with weights_only=True")
+    build.add_argument("--data", default="emoji", help="built-in data set name or a folder with samples.jsonl (default: emoji)")
+    build.add_argument("--out", type=Path, default=None, help="output directory (default: out/<target name>)")
+    build.add_argument("--fusion", choices=FUSIONS, default=None, help="fusion strategy of the built-in models (default: the model's own)")
+    build.add_argument("--epochs", type=int, default=None, help="training epochs when training (default: the model's recipe)")
+    build.add_argument("--seed", type=int, default=defaults.seed, help=f"training seed (default: {defaults.seed})")
+    build.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default=None, help="INT8 calibration method (default: the target's)")
+    build.add_argument("--calibration", default=None, help="calibration set name in calibration/ (default: the target's)")
+    build.add_argument("--simplifier", choices=("onnxsim", "none"), default="onnxsim", help="ONNX graph simplifier after export (default: onnxsim)")
+    build.add_argument("--require-engine", action="store_true", help="fail (exit 4) instead of writing a device bundle when no engine can be built here")
+    build.add_argument("--json", action="store_true", help="print the manifest summary as JSON instead of the table")
+    build.set_defaults(func=build_command)
+
+    targets = sub.add_parser("targets", help="list the deploy targets with their TensorRT version, compute capability and DLA cores")
+    targets.add_argument("--json", action="store_true", help="print as JSON")
+    targets.set_defaults(func=targets_command)
+
+    device_commands.register(sub)
+    return parser
+
+
+def build_command(args: argparse.Namespace) -> int:
+    from pipeline.build import BuildConfig, build
+    from pipeline.errors import GateFailed
+    from pipeline.targets import resolve_target, with_overrides
+    from pipeline.models import train_defaults
+
+    target = resolve_target(args.target)
+    target = with_overrides(target, **{"quantize.method": args.calibration_method, "quantize.calibration": args.calibration})
+    recipe = train_defaults(args.model)
+    if args.epochs is not None and args.epochs < 1:
+        raise PipelineError(f"--epochs must be at least 1 (got {args.epochs})")
+    train = dataclasses.replace(recipe, epochs=args.epochs or recipe.epochs, seed=args.seed)
+    if args.weights is not None and not args.weights.is_file():
+        raise PipelineError(f"{args.weights}: weights file not found")
+    config = BuildConfig(
+        target=target, out=args.out or Path("out") / target.name, model=args.model, data=args.data, weights=args.weights,
+        fusion=args.fusion, train=train, simplifier=args.simplifier,
+        require_engine=args.require_engine,
+    )
+    say = (lambda message: print(message, file=sys.stderr)) if args.json else print
+    try:
+        manifest = build(config, progress=say)
+    except GateFailed:
+        _print_result(_read_manifest(config.out), args.json)
+        raise
+    _print_result(manifest, args.json)
+    return 0
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _print_result(manifest: dict[str, Any] | None, as_json: bool) -> None:
+    from pipeline.report import summary, summary_table
+
+    if manifest is None:
+        return
+    print(json.dumps(summary(manifest), indent=2) if as_json else summary_table(manifest))
+
+
+def targets_command(args: argparse.Namespace) -> int:
+    from pipeline.targets import available_targets, target_summary
+
+    rows = [target_summary(t) for t in available_targets().values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = ["name", "aliases", "device", "tensorrt", "jetpack", "cuda", "compute_capability", "dla_cores", "precision"]
+    print(_table(columns, [[str(row[c]) for c in columns] for row in rows]))
+    return 0
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from installed packages, never a hub
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: artifacts already written are complete; rerun to resume from the cache", file=sys.stderr)
+        return 130

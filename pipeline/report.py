@@ -1,0 +1,57 @@
+"""Human and machine summaries of a manifest: the one-screen ledger table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return format(value, spec)
+
+
+def _mb(size: int | None) -> str:
+    return "-" if size is None else f"{size / 1e6:.1f}"
+
+
+def summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest without the bulky parts: status, ledger rows, engine outcome."""
+    return {
+        "status": manifest["status"],
+        "failure": manifest.get("failure"),
+        "target": manifest["target"]["name"],
+        "wall_s": manifest["wall_s"],
+        "stages": [
+            {"name": s["name"], "path": s["artifact"]["path"], "sha256": s["artifact"]["sha256"], "size_bytes": s["size_bytes"],
+             "cached": s["cached"], "wall_s": s["wall_s"], "parity": s["parity"]}
+            for s in manifest["stages"]
+        ],
+        "engine": manifest["engine"],
+    }
+
+
+def summary_table(manifest: dict[str, Any]) -> str:
+    header = ["stage", "acc", "Δpts", "agree", "cos min", "max|Δ|", "SQNR dB", "MB", "time s", "cached"]
+    rows = []
+    for stage in manifest["stages"]:
+        p = stage["parity"] or {}
+        ref = p.get("vs_reference", {})
+        rows.append([
+            stage["name"], _fmt(p.get("accuracy"), ".4f"), _fmt(p.get("delta_pts"), "+.2f"), _fmt(ref.get("agreement"), ".4f"),
+            _fmt(ref.get("cosine_min"), ".4f"), _fmt(ref.get("max_abs_error"), ".2e"), _fmt(ref.get("sqnr_db"), ".1f"),
+            _mb(stage.get("size_bytes")), _fmt(stage["wall_s"], ".1f"), "yes" if stage["cached"] else "no",
+        ])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [f"target {manifest['target']['name']}  status {manifest['status']}  wall {manifest['wall_s']:.1f} s  (vs the source model on {manifest['data']['splits'].get('eval', '?')} eval samples)",
+           line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    engine = manifest.get("engine", {})
+    out.append(f"engine: {engine.get('status')}" + (f" ({engine.get('reason')})" if engine.get("reason") else ""))
+    if engine.get("bundle"):
+        out.append(f"bundle: {engine['bundle']}  (on the device: python -m pipeline engine --bundle DIR; python -m pipeline verify --bundle DIR)")
+    if manifest.get("failure"):
+        out.append(f"FAILED: {manifest['failure']}")
+    return "\n".join(out)

@@ -1,0 +1,173 @@
+"""The real CLI end to end on fused-tiny and a small folder of real emoji, and its errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import write_emoji_folder, write_target
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+LENIENT_INT8 = {"quantize": {"max_drop_pts": 100.0, "min_agreement": 0.0}}
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def emoji_folder(tmp_path_factory) -> Path:
+    return write_emoji_folder(tmp_path_factory.mktemp("data") / "emoji-small", per_class=12)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, emoji_folder):
+    """One real build: fused-tiny trained on the folder, exported, quantized, bundled for the jetson target."""
+    work = tmp_path_factory.mktemp("build")
+    target = write_target(work / "tiny-jetson.toml", gates=LENIENT_INT8)
+    args = ["build", "--model", "fused-tiny", "--data", str(emoji_folder), "--target", str(target), "--epochs", "4", "--out", str(work / "out"), "--json"]
+    first = run_cli(*args, cwd=work)
+    return work, args, first
+
+
+def test_build_runs_every_stage_and_gates_it(built):
+    work, _, result = built
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "ok"
+    assert [s["name"] for s in summary["stages"]] == ["source", "export", "quantize"]
+    export, quantize = summary["stages"][1], summary["stages"][2]
+    assert export["parity"]["vs_reference"]["agreement"] == 1.0
+    assert export["parity"]["vs_reference"]["max_abs_error"] < 1e-3
+    assert 0.0 <= quantize["parity"]["accuracy"] <= 1.0
+    manifest = json.loads((work / "out" / "manifest.json").read_text())
+    assert manifest["data"]["calibration"]["frozen"] is False  # a user folder: selected, not frozen
+    assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime"}
+    for stage in manifest["stages"]:
+        assert (work / "out" / stage["artifact"]["path"]).exists()
+    # Without TensorRT the engine is deferred to a device bundle, never reported as built.
+    assert manifest["engine"]["status"] == "deferred"
+    assert (work / "out" / "bundle" / "SHA256SUMS").is_file()
+
+
+def test_rebuild_is_served_from_the_cache_with_the_same_bytes(built):
+    work, args, first = built
+    again = run_cli(*args, cwd=work)
+    assert again.returncode == 0, again.stderr[-3000:]
+    before, after = json.loads(first.stdout), json.loads(again.stdout)
+    assert all(stage["cached"] for stage in after["stages"])
+    assert [s["sha256"] for s in before["stages"]] == [s["sha256"] for s in after["stages"]]
+
+
+def test_same_inputs_in_a_fresh_directory_give_the_same_onnx_bytes(built, tmp_path):
+    work, args, first = built
+    fresh = [a if a != str(work / "out") else str(tmp_path / "out2") for a in args]
+    second = run_cli(*fresh, cwd=work)
+    assert second.returncode == 0, second.stderr[-3000:]
+    sha = lambda result: {s["name"]: s["sha256"] for s in json.loads(result.stdout)["stages"]}
+    assert sha(first)["export"] == sha(second)["export"]
+    assert sha(first)["quantize"] == sha(second)["quantize"]
+
+
+def test_bundle_verifies_with_onnx_runtime_and_a_tampered_bundle_fails(built, tmp_path):
+    work, _, _ = built
+    bundle = work / "out" / "bundle"
+    ok = run_cli("verify", "--bundle", str(bundle), "--runtime", "ort", cwd=work)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    copy = tmp_path / "bundle"
+    import shutil
+
+    shutil.copytree(bundle, copy)
+    model = copy / "model.int8.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    bad = run_cli("verify", "--bundle", str(copy), "--runtime", "ort", cwd=work)
+    assert bad.returncode != 0
+    assert "model.int8.onnx" in bad.stdout + bad.stderr
+
+
+def test_failed_gate_exits_3_names_the_stage_and_still_writes_the_ledger(built, emoji_folder, tmp_path):
+    work, _, _ = built
+    strict = write_target(tmp_path / "strict.toml", gates={"quantize": {"min_agreement": 1.0, "max_drop_pts": 0.0, "max_abs_error": 1e-9}})
+    result = run_cli("build", "--model", "fused-tiny", "--data", str(emoji_folder), "--target", str(strict), "--epochs", "4",
+                     "--out", str(work / "out"), cwd=work)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "stage 'quantize'" in result.stderr and "threshold" in result.stderr
+    manifest = json.loads((work / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert [s["name"] for s in manifest["stages"]] == ["source", "export", "quantize"]
+
+
+# ---------------------------------------------------------------- bad input: clear error, non-zero exit
+
+
+def _error_of(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_unknown_target(capsys, tmp_path):
+    code, err = _error_of(capsys, "build", "--target", "jetson-nope", "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert "unknown target 'jetson-nope'" in err and "jetson-orin-nano" in err
+
+
+def test_corrupt_checkpoint(capsys, tmp_path, emoji_folder):
+    weights = tmp_path / "broken.pt"
+    weights.write_bytes(b"this is not a checkpoint")
+    code, err = _error_of(capsys, "build", "--model", "fused-tiny", "--data", str(emoji_folder), "--weights", str(weights), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert "broken.pt" in err and "not a readable PyTorch checkpoint" in err
+
+
+def test_weights_that_do_not_fit_the_model(capsys, tmp_path, emoji_folder):
+    import torch
+
+    weights = tmp_path / "other.pt"
+    torch.save({"layer.weight": torch.zeros(3, 3)}, weights)
+    code, err = _error_of(capsys, "build", "--model", "fused-tiny", "--data", str(emoji_folder), "--weights", str(weights), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert "other.pt" in err and "do not match the model" in err
+
+
+def test_missing_data_file(capsys, tmp_path):
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    code, err = _error_of(capsys, "build", "--model", "fused-tiny", "--data", str(empty), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert "samples.jsonl" in err
+
+
+def test_malformed_jsonl(capsys, tmp_path, emoji_folder):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(emoji_folder, broken)
+    lines = (broken / "samples.jsonl").read_text().splitlines()
+    lines[2] = '{"image": "images/x.png", "text": '
+    (broken / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    code, err = _error_of(capsys, "build", "--model", "fused-tiny", "--data", str(broken), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert "samples.jsonl" in err and "line 3" in err
+
+
+def test_unknown_model(capsys, tmp_path):
+    code, err = _error_of(capsys, "build", "--model", "fused-huge", "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert "unknown model 'fused-huge'" in err
+
+
+def test_targets_lists_every_target_with_tensorrt_cc_and_dla(capsys):
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("jetson-orin-nano", "jetson-agx-orin", "gpu-hopper", "cpu"):
+        assert name in out
+    assert "8.7" in out and "10.3" in out
