@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.artifacts import Artifact
@@ -133,7 +134,10 @@ class Conductor:
         key = sha256_bytes(f"{artifact.sha256}|{self.splits.fingerprint(split)}|{artifact.kind}".encode())
         logits = self.store.cached_array(key)
         if logits is None:
-            logits = run_batches(runner(), self.splits.get(split).batches(self.config.eval_batch))
+            data = self.splits.get(split)
+            batches = tqdm(data.batches(self.config.eval_batch), total=-(-len(data) // self.config.eval_batch),
+                           desc=f"  measuring {artifact.kind} on {split}", unit="batch", leave=False, disable=None)
+            logits = run_batches(runner(), batches)
             self.store.save_array(key, logits)
         return logits
 

@@ -193,6 +193,7 @@ def write_bundle(out_dir: Path, qdq_onnx: Path, target: Target, golden: Golden, 
         raise InputError(f"bundle extra file(s) not found: {missing}")
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{BUNDLE_DIR}.", dir=out_dir))
+    os.chmod(work, 0o755)  # mkdtemp makes it private; the bundle is copied to devices and shared
     try:
         shutil.copyfile(qdq_onnx, work / MODEL_FILE)
         _write_json(work / TARGET_FILE, target.to_json())

@@ -137,6 +137,7 @@ class Store:
         final = self.stage_dir(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        os.chmod(work, 0o755)  # mkdtemp makes it private; artifacts are meant to be shared
         try:
             artifact = produce(work)
             relative = artifact.path.relative_to(work)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from helpers import write_emoji_folder, write_target
@@ -48,6 +49,7 @@ def test_build_runs_every_stage_and_gates_it(built):
     assert export["parity"]["vs_reference"]["max_abs_error"] < 1e-3
     assert 0.0 <= quantize["parity"]["accuracy"] <= 1.0
     manifest = json.loads((work / "out" / "manifest.json").read_text())
+    jsonschema.validate(manifest, json.loads((REPO / "manifest.schema.json").read_text()))
     assert manifest["data"]["calibration"]["frozen"] is False  # a user folder: selected, not frozen
     assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime"}
     for stage in manifest["stages"]:
@@ -92,6 +94,13 @@ def test_bundle_verifies_with_onnx_runtime_and_a_tampered_bundle_fails(built, tm
     bad = run_cli("verify", "--bundle", str(copy), "--runtime", "ort", cwd=work)
     assert bad.returncode != 0
     assert "model.int8.onnx" in bad.stdout + bad.stderr
+
+
+def test_require_engine_without_tensorrt_exits_4(built):
+    work, args, _ = built
+    result = run_cli(*args, "--require-engine", cwd=work)
+    assert result.returncode == 4, result.stderr[-2000:]
+    assert "--require-engine" in result.stderr and "TensorRT" in result.stderr
 
 
 def test_failed_gate_exits_3_names_the_stage_and_still_writes_the_ledger(built, emoji_folder, tmp_path):
