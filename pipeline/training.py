@@ -23,7 +23,7 @@ from pipeline.data.encode import Encoded
 
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3  # fusion and classifier
     encoder_lr: float = 1e-4  # fine-tuned encoder tails

@@ -45,7 +45,9 @@ class FusedConfig:
     fusion: str = "attention"
     fusion_dim: int = 256
     dropout: float = 0.3
-    image_size: int = 224
+    # EfficientNet-Lite0 was pretrained at 224 px; at 192 it needs ~27% less compute, and on emoji
+    # (72 px art) one seeded run each gave eval accuracy 0.895 at 192 vs 0.901 at 224.
+    image_size: int = 192
     max_tokens: int = 16
     trainable_image_blocks: int = 1
     trainable_text_layers: int = 2
