@@ -210,9 +210,14 @@ def quantize_stage(c: Conductor, fp32: Artifact, torch_artifact: Artifact, calib
         return q.quantize(fp32, calib, target.quantize, workdir, evaluator=evaluator) if evaluator else q.quantize(fp32, calib, target.quantize, workdir)
 
     artifact, cached, wall = c.run_stage("quantize", settings, fp32.sha256, produce)
-    logits = c.outputs(artifact, lambda: OrtRunner(artifact.path))
+    # The TensorRT form is measured with TensorRT's arithmetic (the stage says how to run it).
+    logits = c.outputs(artifact, lambda: OrtRunner(artifact.path, session_config=ort_session_config(artifact)))
     c.record("quantize", artifact, cached, wall, settings, logits, target.gates.quantize, dict(artifact.meta))
     return artifact
+
+
+def ort_session_config(artifact: Artifact) -> dict[str, str]:
+    return dict(artifact.meta.get("ort_session_config") or {})
 
 
 def deploy_stage(c: Conductor, int8: Artifact) -> dict[str, Any]:
@@ -249,7 +254,8 @@ def bundle_stage(c: Conductor, int8: Artifact, lint_json: dict) -> Path:
     golden = Golden(ids=np.asarray(subset.ids), inputs=dict(subset.inputs), labels=subset.labels,
                     reference_logits=c.logits["source"][index], int8_logits=c.logits["quantize"][index])
     c.say("[bundle] writing device bundle")
-    return write_bundle(c.store.root, int8.path, c.config.target, golden, c.config.target.gates.engine, lint_json)
+    return write_bundle(c.store.root, int8.path, c.config.target, golden, c.config.target.gates.engine, lint_json,
+                        ort_session_config=ort_session_config(int8))
 
 
 def engine_stage(c: Conductor, int8: Artifact, lint_json: dict, status: str) -> dict[str, Any]:

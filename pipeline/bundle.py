@@ -159,8 +159,11 @@ def _checked_extra_name(name: str) -> str:
     return str(path)
 
 
-def thresholds_json(thresholds: Gate) -> dict[str, Any]:
-    return {"compared_with": "int8_onnx", "gate": dataclasses.asdict(thresholds)}
+def thresholds_json(thresholds: Gate, ort_session_config: Mapping[str, str] | None = None) -> dict[str, Any]:
+    # ort_session_config: how ONNX Runtime ran the INT8 ONNX when the golden
+    # outputs were made; `verify --runtime ort` must run it the same way.
+    return {"compared_with": "int8_onnx", "gate": dataclasses.asdict(thresholds),
+            "ort_session_config": dict(ort_session_config or {})}
 
 
 def _ensure_self_contained(onnx_path: Path) -> None:
@@ -175,7 +178,8 @@ def _ensure_self_contained(onnx_path: Path) -> None:
 
 
 def write_bundle(out_dir: Path, qdq_onnx: Path, target: Target, golden: Golden, thresholds: Gate,
-                 lint_report: Mapping[str, Any], extra_files: Mapping[str, Path] | None = None) -> Path:
+                 lint_report: Mapping[str, Any], extra_files: Mapping[str, Path] | None = None,
+                 ort_session_config: Mapping[str, str] | None = None) -> Path:
     """Write out_dir/bundle atomically and return its path.
 
     thresholds: the gate the device's outputs must meet against the golden
@@ -198,7 +202,7 @@ def write_bundle(out_dir: Path, qdq_onnx: Path, target: Target, golden: Golden, 
         shutil.copyfile(qdq_onnx, work / MODEL_FILE)
         _write_json(work / TARGET_FILE, target.to_json())
         (work / GOLDEN_FILE).write_bytes(golden.to_npz_bytes())
-        _write_json(work / THRESHOLDS_FILE, thresholds_json(thresholds))
+        _write_json(work / THRESHOLDS_FILE, thresholds_json(thresholds, ort_session_config))
         _write_json(work / LINT_FILE, dict(lint_report))
         (work / README_FILE).write_text(device_readme(target), encoding="utf-8")
         for name, source in extras.items():
@@ -298,6 +302,7 @@ class Bundle:
     golden: Golden
     thresholds: Gate
     lint: Mapping[str, Any]
+    ort_session_config: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def device_dir(self) -> Path:
@@ -316,7 +321,8 @@ def load_bundle(bundle_dir: Path) -> Bundle:
         raise InputError(f"{bundle_dir / THRESHOLDS_FILE}: no valid 'gate' ({error})")
     return Bundle(path=bundle_dir, model=bundle_dir / MODEL_FILE, target=target,
                   golden=Golden.load(bundle_dir / GOLDEN_FILE), thresholds=gate,
-                  lint=_read_json(bundle_dir / LINT_FILE))
+                  lint=_read_json(bundle_dir / LINT_FILE),
+                  ort_session_config={str(k): str(v) for k, v in (thresholds.get("ort_session_config") or {}).items()})
 
 
 def _read_json(path: Path) -> Any:

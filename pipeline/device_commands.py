@@ -96,7 +96,7 @@ def _runner(runtime: str, bundle: Bundle, plan: Path | None) -> Any:
     if runtime == "ort":
         from pipeline.runners import OrtRunner
 
-        return OrtRunner(bundle.model, name="onnxruntime")
+        return OrtRunner(bundle.model, name="onnxruntime", session_config=bundle.ort_session_config)
     plan = plan or bundle.device_dir / PLAN_NAME
     if not plan.is_file():
         raise InputError(f"{plan}: no TensorRT plan; build it with `python -m pipeline engine --bundle {bundle.path}` "

@@ -48,6 +48,11 @@ def summary_table(manifest: dict[str, Any]) -> str:
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     out = [f"target {manifest['target']['name']}  status {manifest['status']}  wall {manifest['wall_s']:.1f} s  (vs the source model on {manifest['data']['splits'].get('eval', '?')} eval samples)",
            line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    for stage in manifest["stages"]:
+        config = (stage.get("facts") or {}).get("ort_session_config")
+        if config:
+            out.append(f"{stage['name']}: measured with ONNX Runtime session config {config} "
+                       "(Q/DQ computed in float, as TensorRT's fused INT8 kernels do, not with this CPU's saturating int8 kernels)")
     engine = manifest.get("engine", {})
     out.append(f"engine: {engine.get('status')}" + (f" ({engine.get('reason')})" if engine.get("reason") else ""))
     if engine.get("bundle"):

@@ -55,12 +55,18 @@ def ort_session_options(threads: int = 2) -> "onnxruntime.SessionOptions":
 class OrtRunner:
     """Runs an ONNX file with ONNX Runtime (CPU EP by default)."""
 
-    def __init__(self, path: Path, providers: Iterable[str] = ("CPUExecutionProvider",), threads: int = 2, name: str = "onnxruntime"):
+    def __init__(self, path: Path, providers: Iterable[str] = ("CPUExecutionProvider",), threads: int = 2, name: str = "onnxruntime",
+                 session_config: Mapping[str, str] | None = None):
+        """session_config: ONNX Runtime session config entries, e.g. the quantize stage's
+        {"session.disable_quant_qdq": "1"} to run a TensorRT-form QDQ graph with TensorRT's arithmetic."""
         import onnxruntime as ort
 
         self.name = name
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(self.path), sess_options=ort_session_options(threads), providers=list(providers))
+        options = ort_session_options(threads)
+        for key, value in sorted((session_config or {}).items()):
+            options.add_session_config_entry(key, str(value))
+        self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(providers))
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def predict(self, inputs: Inputs) -> np.ndarray:

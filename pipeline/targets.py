@@ -58,6 +58,7 @@ class Quantize:
     form: Literal["tensorrt", "cpu"] = "tensorrt"
     op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
     max_fallback_steps: int = 8
+    embedding: Literal["int8", "float"] = "int8"  # the token embedding table: int8 rows with per-row scales, or float
 
 
 @dataclass(frozen=True)

@@ -1,95 +1,166 @@
 """Quantize stage: FP32 ONNX -> INT8 ONNX with explicit Q/DQ, calibrated on real data.
 
-Built on onnxruntime.quantization: quant_pre_process (shape inference and
-graph cleanup), then quantize_static in QDQ format. The "tensorrt" form is
-symmetric S8 for activations and weights with per-channel weight scales and
-no quantized bias (TensorRT's ONNX parser rejects INT32 bias DQ); ONNX Runtime
-runs the same QDQ graph on the CPU, so its parity is measured here.
+    prepare (ONNX Runtime's quant_pre_process: shape inference, cleanup; name every node)
+    -> find regions (placement.py: weighted ops, residual adds, the token embedding)
+    -> calibrate their activations (calibrate.py: minmax / percentile / entropy)
+    -> write the Q/DQ model in the target's form (qdq.py: "tensorrt" or "cpu")
+    -> with an evaluator: accuracy-aware fallback (fallback.py) until the gate holds on the tuning set.
+
+The conductor gates the result on the eval split afterwards; meta records what
+stayed in float, why, and what each step bought.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
+import hashlib
+import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
+from typing import Any
 
 from pipeline.artifacts import Artifact
 from pipeline.data.encode import Encoded
+from pipeline.quantization.calibrate import CALIBRATION_BATCH, TensorRange, calibrate, to_tensors_data
+from pipeline.quantization.evaluate import Evaluation, Evaluator, TuningEvaluator, make_evaluator
+from pipeline.quantization.fallback import FallbackResult, accuracy_aware_fallback, summary
+from pipeline.quantization.placement import PLACEMENT_RULE, Region, find_regions, name_unnamed_nodes
+from pipeline.quantization.qdq import FORMS, Form, quiet, write_qdq
 from pipeline.stages.export import onnx_facts
 from pipeline.store import sha256_file
 from pipeline.targets import Quantize
 
-CALIBRATION_BATCH = 16
+__all__ = ["quantize", "quantize_settings", "Evaluation", "Evaluator", "make_evaluator", "CALIBRATION_BATCH"]
 
-
-class EncodedReader:
-    """onnxruntime.quantization.CalibrationDataReader over encoded samples."""
-
-    def __init__(self, data: Encoded, input_names: list[str], batch_size: int = CALIBRATION_BATCH):
-        self._data = data
-        self._names = input_names
-        self._batch_size = batch_size
-        self._iterator: Iterator[dict[str, np.ndarray]] | None = None
-        self.rewind()
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._iterator, None)
-        return None if batch is None else {name: batch[name] for name in self._names}
-
-    def rewind(self) -> None:
-        self._iterator = iter(list(self._data.batches(self._batch_size)))
+# Bump when the algorithm changes what it writes: part of the cache key.
+ALGORITHM = "edgepipe-int8/4"
+OUTPUT_NAME = "model.int8.onnx"
 
 
 def quantize_settings(settings: Quantize) -> dict:
     """What changes the INT8 output: part of the stage's cache key."""
-    return asdict(settings)
+    return {**asdict(settings), "algorithm": ALGORITHM, "embedding": _embedding_setting(settings)}
 
 
-def _calibration_method(name: str):
-    from onnxruntime.quantization import CalibrationMethod
-
-    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[name]
-
-
-def _form_options(settings: Quantize) -> dict:
-    from onnxruntime.quantization import QuantType
-
-    extra = {"QuantizeBias": False, "CalibTensorRangeSymmetric": True, "WeightSymmetric": True, "ActivationSymmetric": True}
-    if settings.method == "percentile":
-        extra["CalibPercentile"] = settings.percentile
-    if settings.form == "tensorrt":
-        return {"activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8, "per_channel": True, "extra_options": extra}
-    # CPU form: U8 activations (asymmetric) / S8 weights, what ONNX Runtime's CPU kernels run fastest.
-    extra.update({"ActivationSymmetric": False, "CalibTensorRangeSymmetric": False})
-    return {"activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "per_channel": True, "extra_options": extra}
+def _embedding_setting(settings: Quantize) -> str:
+    # "int8" unless a target opts out (a `quantize.embedding` field, proposed for targets.Quantize)
+    return getattr(settings, "embedding", "int8")
 
 
-def quantize(fp32: Artifact, calibration: Encoded, settings: Quantize, workdir: Path) -> Artifact:
-    import onnxruntime as ort
-    from onnxruntime.quantization import QuantFormat, quantize_static
+def _prepare(fp32: Path, output: Path) -> Path:
+    """Shape inference and cleanup (ONNX Runtime's quant_pre_process), then a name for every node."""
+    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    prepared = workdir / "prepared.onnx"
-    with contextlib.redirect_stdout(io.StringIO()):
-        logging.getLogger().setLevel(logging.ERROR)
-        quant_pre_process(str(fp32.path), str(prepared), skip_symbolic_shape=True)
-    input_names = [i.name for i in ort.InferenceSession(str(prepared), providers=["CPUExecutionProvider"]).get_inputs()]
-    output = workdir / "model.int8.onnx"
-    quantize_static(
-        str(prepared),
-        str(output),
-        EncodedReader(calibration, input_names),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(settings.op_types),
-        calibrate_method=_calibration_method(settings.method),
-        **_form_options(settings),
-    )
-    prepared.unlink()
-    meta = {**onnx_facts(output), "form": settings.form, "method": settings.method, "op_types": list(settings.op_types),
-            "calibration_samples": len(calibration)}
+    with quiet():
+        quant_pre_process(str(fp32), str(output), skip_symbolic_shape=True)
+    model = onnx.load(str(output))
+    name_unnamed_nodes(model)
+    onnx.save(model, str(output))
+    return output
+
+
+def _calibrated_tensors(regions: list[Region], form: Form) -> list[str]:
+    tensors = {t for region in regions for t in region.activations}
+    # a fused Relu/Clip is quantized with its op: its output gets the Q/DQ the op's would
+    tensors |= {t for region in regions if region.op_type in form.output_quantized_ops or region.fused
+                for t in region.outputs}
+    return sorted(tensors)
+
+
+class _CandidateBuilder:
+    """Writes (once) the INT8 model with a given set of regions kept in float."""
+
+    def __init__(self, prepared: Path, regions: list[Region], ranges: dict[str, TensorRange], form: Form,
+                 method: str, directory: Path):
+        self.prepared, self.regions, self.form, self.directory = prepared, regions, form, directory
+        self.ranges = to_tensors_data(ranges, method)
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, floats: frozenset[str]) -> Path:
+        key = hashlib.sha256("\n".join(sorted(floats)).encode()).hexdigest()[:16]
+        path = self.directory / f"candidate-{key}.onnx"
+        if not path.exists():
+            quantized = {region.name for region in self.regions} - floats
+            write_qdq(self.prepared, self.regions, quantized, self.ranges, self.form, path)
+        return path
+
+
+def _range_counts(ranges: dict[str, TensorRange]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in ranges.values():
+        counts[value.method] = counts.get(value.method, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _float_region_rows(result: FallbackResult) -> list[dict[str, Any]]:
+    return [step.to_json() for step in result.steps if step.kept]
+
+
+def quantize(fp32: Artifact, calibration: Encoded, settings: Quantize, workdir: Path,
+             evaluator: Evaluator | None = None) -> Artifact:
+    import onnx
+
+    form = FORMS[settings.form]
+    scratch = workdir / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    prepared = _prepare(fp32.path, scratch / "prepared.onnx")
+    regions = find_regions(onnx.load(str(prepared), load_external_data=False), settings.op_types,
+                           residual_adds=form.residual_adds, embedding=_embedding_setting(settings) == "int8",
+                           fuse_activations=form.fuse_activations, float_residual_writers=form.float_residual_writers)
+    ranges = calibrate(prepared, _calibrated_tensors(regions, form), calibration, settings.method,
+                       symmetric=form.symmetric_activations, percentile=settings.percentile)
+    build = _CandidateBuilder(prepared, regions, ranges, form, settings.method, scratch / "candidates")
+    result: FallbackResult | None = None
+    if isinstance(evaluator, TuningEvaluator):  # measure the candidates as the deploy runtime computes them
+        evaluator = evaluator.with_session_config(form.ort_session_config)
+    if evaluator is None:
+        chosen = build(frozenset())
+    else:
+        result = accuracy_aware_fallback(build, prepared, regions, evaluator, settings.max_fallback_steps,
+                                         probe_data=calibration.subset(range(min(len(calibration), 32))),
+                                         session_config=form.ort_session_config)
+        chosen = result.path
+    output = workdir / OUTPUT_NAME
+    shutil.copyfile(chosen, output)
+    shutil.rmtree(scratch)
+    meta = _meta(output, settings, form, calibration, regions, ranges, result)
     return Artifact(kind="onnx", path=output, sha256=sha256_file(output), meta=meta)
+
+
+def _meta(output: Path, settings: Quantize, form: Form, calibration: Encoded, regions: list[Region],
+          ranges: dict[str, TensorRange], result: FallbackResult | None) -> dict[str, Any]:
+    floats = set(result.float_regions) if result else set()
+    kinds = {kind: sum(r.kind == kind and r.name not in floats for r in regions)
+             for kind in ("weighted", "residual-add", "embedding")}
+    meta: dict[str, Any] = {
+        **onnx_facts(output),
+        "form": form.name,
+        "form_rule": form.rule,
+        # how ONNX Runtime must run this file to compute what the deploy runtime computes
+        "ort_session_config": dict(form.ort_session_config),
+        "placement_rule": PLACEMENT_RULE,
+        "method": settings.method,
+        "percentile": settings.percentile if settings.method == "percentile" else None,
+        "op_types": list(settings.op_types),
+        "calibration_samples": len(calibration),
+        "calibrated_tensors": len(ranges),
+        "calibration_ranges": _range_counts(ranges),
+        "regions": len(regions),
+        "quantized_regions": kinds,
+        "embedding": _embedding_setting(settings),
+        "algorithm": ALGORITHM,
+        "float_regions": _float_region_rows(result) if result else [],
+        "fallback_steps": len(result.steps) if result else 0,
+        "fallback_max_steps": settings.max_fallback_steps,
+    }
+    if result is not None:
+        meta.update({
+            "fallback_tried": [step.to_json() for step in result.steps if not step.kept],
+            "fallback_stop": result.stop_reason,
+            "tuning_before": summary(result.initial) | {"violations": result.initial.metrics.get("violations", [])},
+            "tuning_after": summary(result.final) | {"violations": result.final.metrics.get("violations", [])},
+            "tuning_samples": result.final.metrics.get("samples"),
+        })
+    else:
+        meta["fallback_stop"] = "no evaluator: fallback not run"
+    return meta

@@ -1,0 +1,282 @@
+"""The quantize stage: Q/DQ form, calibration edge cases, accuracy-aware fallback, determinism.
+
+Small hand-built ONNX graphs (milliseconds to run) and the fused-tiny model
+exported once per session; no data set beyond random arrays.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.artifacts import Artifact
+from pipeline.data.encode import Encoded
+from pipeline.errors import GateFailed
+from pipeline.parity import Gate, check_gate, parity_row
+from pipeline.quantization.calibrate import TensorRange, calibrate, entropy_threshold, percentile_threshold
+from pipeline.quantization.evaluate import ort_logits
+from pipeline.runners import OrtRunner, run_batches
+from pipeline.stages.quantize import make_evaluator, quantize, quantize_settings
+from pipeline.store import sha256_file
+from pipeline.targets import Quantize, resolve_target
+
+CLASSES = 4
+FEATURES = 8
+SAMPLES = 64
+
+
+# ----------------------------------------------------------------- fixtures
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Artifact:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return Artifact(kind="onnx", path=path, sha256=sha256_file(path))
+
+
+def _gemm(name: str, data: str, weight: np.ndarray, output: str) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    inits = [numpy_helper.from_array(weight.astype(np.float32), f"{name}.weight"),
+             numpy_helper.from_array(np.zeros(weight.shape[1], np.float32), f"{name}.bias")]
+    return helper.make_node("Gemm", [data, f"{name}.weight", f"{name}.bias"], [output], name=name), inits
+
+
+def fragile_model(path: Path) -> Artifact:
+    """x -> Gemm 'stem' -> Relu -> Gemm 'spread' -> Gemm 'fragile' -> Gemm 'head' -> logits.
+
+    'spread' writes one huge channel (x 1e4) beside the useful ones; 'fragile' ignores
+    that channel, but its input's per-tensor INT8 scale is set by it, so the useful
+    channels round to zero: returning 'fragile' to float is the fix.
+    """
+    rng = np.random.default_rng(0)
+    spread = np.eye(FEATURES) + 0.1 * rng.standard_normal((FEATURES, FEATURES))
+    spread[:, 0] = 1e4 * np.abs(spread[:, 0])
+    fragile = rng.standard_normal((FEATURES, FEATURES))
+    fragile[0, :] = 0.0
+    nodes, inits = [], []
+    for name, data, weight, output in [
+        ("stem", "x", rng.standard_normal((FEATURES, FEATURES)), "stem_out"),
+        ("spread", "relu_out", spread, "spread_out"),
+        ("fragile", "spread_out", fragile, "fragile_out"),
+        ("head", "fragile_out", rng.standard_normal((FEATURES, CLASSES)), "logits"),
+    ]:
+        node, weights = _gemm(name, data, weight, output)
+        nodes.append(node)
+        inits.extend(weights)
+    nodes.insert(1, helper.make_node("Relu", ["stem_out"], ["relu_out"], name="relu"))
+    graph = helper.make_graph(nodes, "fragile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", FEATURES])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])], inits)
+    return _save(graph, path)
+
+
+def constant_model(path: Path) -> Artifact:
+    """A Gemm whose input is a constant (3.0 everywhere) and another whose input is all zeros."""
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Mul", ["x", "zero"], ["zeros"], name="times_zero"),
+        helper.make_node("Add", ["zeros", "three"], ["threes"], name="plus_three"),
+    ]
+    inits = [numpy_helper.from_array(np.float32(0.0), "zero"), numpy_helper.from_array(np.float32(3.0), "three")]
+    for name, data, output in [("on_zeros", "zeros", "a"), ("on_threes", "threes", "b")]:
+        node, weights = _gemm(name, data, rng.standard_normal((FEATURES, CLASSES)), output)
+        nodes.append(node)
+        inits.extend(weights)
+    nodes.append(helper.make_node("Add", ["a", "b"], ["logits"], name="sum"))
+    graph = helper.make_graph(nodes, "constant", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", FEATURES])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])], inits)
+    return _save(graph, path)
+
+
+def features(seed: int = 0, samples: int = SAMPLES) -> Encoded:
+    x = np.random.default_rng(seed).standard_normal((samples, FEATURES)).astype(np.float32)
+    return Encoded(ids=tuple(f"s{i}" for i in range(samples)), inputs={"x": x}, labels=np.zeros(samples, dtype=np.int64))
+
+
+def reference_logits(artifact: Artifact, data: Encoded) -> np.ndarray:
+    return run_batches(OrtRunner(artifact.path), data.batches(16))
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tmp_path_factory) -> tuple[Artifact, Encoded]:
+    """fused-tiny exported to ONNX (untrained: parity, not accuracy, is under test) and 48 real samples."""
+    import torch
+
+    from pipeline.data import load_dataset
+    from pipeline.data.encode import encode
+    from pipeline.models import build_model, default_config
+    from pipeline.stages.export import export_onnx
+
+    torch.manual_seed(0)
+    config = default_config("fused-tiny", CLASSES)
+    artifact = export_onnx(build_model(config, pretrained=False), config.input_spec(), tmp_path_factory.mktemp("tiny"))
+    data = encode(load_dataset("emoji").split("calib")[:48], config.input_spec())
+    return artifact, data
+
+
+def int8_logits(artifact: Artifact, data: Encoded) -> np.ndarray:
+    """As the target's runtime computes them (the TensorRT form: dequantize, then the float op)."""
+    return ort_logits(artifact.path, data, session_config=artifact.meta.get("ort_session_config"))
+
+
+@pytest.fixture(scope="module")
+def tiny_tensorrt(tiny_fp32, tmp_path_factory) -> Artifact:
+    fp32, data = tiny_fp32
+    return quantize(fp32, data, Quantize(form="tensorrt", method="entropy"), tmp_path_factory.mktemp("trt"))
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+# ----------------------------------------------------------------- TensorRT form
+
+
+def test_tensorrt_form_has_symmetric_zero_points_and_per_channel_weight_scales(tiny_tensorrt):
+    out = tiny_tensorrt
+    model = onnx.load(str(out.path))
+    values = _initializers(model)
+    dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dequantize, "no Q/DQ written"
+    per_channel_weights = 0
+    for node in [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]:
+        zero = values[node.input[2]]
+        assert zero.dtype == np.int8 and not zero.any(), f"{node.name}: zero point must be INT8 0"
+        data_in = values.get(node.input[0])
+        if data_in is not None and data_in.ndim == 2 and data_in.shape[0] > 1000:
+            continue  # the embedding table: one scale per row, checked below
+        if data_in is not None and data_in.dtype == np.int8 and data_in.ndim >= 2:
+            assert values[node.input[1]].size > 1, f"{node.name}: weight scale is per-tensor"
+            per_channel_weights += 1
+    assert per_channel_weights >= 10
+    assert out.meta["form"] == "tensorrt" and out.meta["quantized_regions"]["embedding"] == 1
+    assert out.meta["quantized_regions"]["residual-add"] == 0, "transformer residual adds stay float"
+
+
+def test_tensorrt_form_lints_without_errors_for_jetson_and_keeps_parity(tiny_fp32, tiny_tensorrt):
+    from pipeline.lint import lint_onnx
+
+    report = lint_onnx(tiny_tensorrt.path, resolve_target("jetson"))
+    assert report.ok, report.format_text()
+    fp32, data = tiny_fp32
+    reference = reference_logits(fp32, data)
+    row = parity_row("q", int8_logits(tiny_tensorrt, data), reference, reference, data.labels)
+    assert row.vs_reference.cosine_mean > 0.99
+
+
+def test_cpu_form_uses_u8_activations_and_shrinks_the_embedding(tiny_fp32, tmp_path):
+    fp32, data = tiny_fp32
+    out = quantize(fp32, data, Quantize(form="cpu", method="percentile"), tmp_path)
+    model = onnx.load(str(out.path))
+    values = _initializers(model)
+    activation_zero_points = {values[n.input[2]].dtype for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert activation_zero_points == {np.dtype(np.uint8)}
+    float_relus = sum(node.op_type == "Relu" for node in onnx.load(str(fp32.path)).graph.node)
+    assert out.meta["ops"].get("Relu", 0) < float_relus, "ReLU after a conv folds into the U8 range in the CPU form"
+    assert out.meta["size_bytes"] < 0.4 * fp32.path.stat().st_size
+    logits = int8_logits(out, data)
+    reference = reference_logits(fp32, data)
+    assert parity_row("q", logits, reference, reference, data.labels).vs_reference.cosine_mean > 0.99
+
+
+def test_placement_quantizes_conv_residual_adds_and_folds_relu_only_in_the_cpu_form():
+    from pipeline.quantization.placement import find_regions
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], name="conv"),
+             helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+             helper.make_node("Conv", ["relu", "w"], ["project"], name="project"),
+             helper.make_node("Add", ["project", "x"], ["y"], name="residual")]
+    spec = ["batch", 4, 8, 8]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, spec)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, spec)], [weight],
+                              value_info=[helper.make_tensor_value_info(n, TensorProto.FLOAT, spec) for n in ("conv", "relu", "project")])
+    model = helper.make_model(graph)
+    tensorrt = find_regions(model, ("Conv",), residual_adds=True, embedding=True)
+    assert [(r.name, r.kind, r.fused) for r in tensorrt] == [
+        ("conv", "weighted", ()), ("project", "weighted", ()), ("residual", "residual-add", ())]
+    cpu = find_regions(model, ("Conv",), residual_adds=False, embedding=True, fuse_activations=True)
+    assert [(r.name, r.fused, r.clip) for r in cpu] == [("conv", ("relu",), (0.0, float("inf"))), ("project", (), None)]
+
+
+# ----------------------------------------------------------------- calibration
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_calibration_handles_constant_and_zero_tensors(tmp_path, method):
+    fp32 = constant_model(tmp_path / "constant.onnx")
+    ranges = calibrate(fp32.path, ["zeros", "threes", "x"], features(), method, symmetric=True, percentile=99.9)
+    assert ranges["zeros"] == TensorRange(-1.0, 1.0, "zero")
+    assert ranges["threes"].highest == pytest.approx(3.0) and ranges["threes"].method == "constant"
+    assert 0 < ranges["x"].highest <= np.abs(features().inputs["x"]).max() + 1e-6
+    out = quantize(fp32, features(), Quantize(form="tensorrt", method=method, op_types=("Gemm",)), tmp_path / "q")
+    logits = int8_logits(out, features())
+    np.testing.assert_allclose(logits, reference_logits(fp32, features()), rtol=0.05, atol=0.05)
+
+
+def test_entropy_and_percentile_thresholds_on_a_long_tail():
+    rng = np.random.default_rng(0)
+    values = np.abs(np.concatenate([rng.standard_normal(100_000), [60.0]]))
+    hist, _ = np.histogram(values, bins=2048, range=(0.0, values.max()))
+    assert 3.0 < percentile_threshold(hist, values.max(), 99.99) < 6.0
+    assert 2.0 < entropy_threshold(hist, values.max()) < 15.0
+
+
+# ----------------------------------------------------------------- fallback
+
+
+def test_fallback_reverts_the_fragile_region_first_and_stops_once_the_gate_holds(tmp_path):
+    fp32 = fragile_model(tmp_path / "fragile.onnx")
+    tuning = features(seed=1)
+    gate = Gate(min_agreement=0.97)
+    settings = Quantize(form="tensorrt", method="minmax", op_types=("Gemm",), max_fallback_steps=4)
+    naive = quantize(fp32, features(), settings, tmp_path / "naive")
+    reference = reference_logits(fp32, tuning)
+    assert check_gate(gate, parity_row("q", int8_logits(naive, tuning), reference, reference, tuning.labels))
+    out = quantize(fp32, features(), settings, tmp_path / "fallback", make_evaluator(tuning, reference, gate))
+    assert [row["name"] for row in out.meta["float_regions"]] == ["fragile"]
+    assert out.meta["fallback_steps"] == 1 and out.meta["fallback_stop"] == "gate holds"
+    row = out.meta["float_regions"][0]
+    assert row["after"]["agreement"] >= 0.97 > row["before"]["agreement"]
+    assert row["score"] > 0
+
+
+def test_unmeetable_gate_spends_the_budget_reports_every_step_and_fails_the_gate(tmp_path):
+    fp32 = fragile_model(tmp_path / "fragile.onnx")
+    tuning = features(seed=1)
+    reference = reference_logits(fp32, tuning)
+    gate = Gate(max_abs_error=0.0, knob="quantize.max_fallback_steps")  # INT8 cannot be exact
+    settings = Quantize(form="tensorrt", method="minmax", op_types=("Gemm",), max_fallback_steps=2)
+    out = quantize(fp32, features(), settings, tmp_path / "q", make_evaluator(tuning, reference, gate))
+    tried = out.meta["float_regions"] + out.meta["fallback_tried"]
+    assert out.meta["fallback_steps"] == 2 == len(tried)
+    assert out.meta["fallback_stop"] == "step budget spent" and not out.meta["tuning_after"]["passes"]
+    assert out.meta["tuning_after"]["violations"]
+    violations = check_gate(gate, parity_row("quantize", int8_logits(out, tuning), reference, reference, tuning.labels))
+    assert violations and GateFailed(violations[0].message()).exit_code == 3
+
+
+# ----------------------------------------------------------------- contract
+
+
+def test_same_inputs_give_the_same_bytes(tmp_path):
+    fp32 = fragile_model(tmp_path / "fragile.onnx")
+    tuning = features(seed=1)
+    evaluator = make_evaluator(tuning, reference_logits(fp32, tuning), Gate(min_agreement=0.97))
+    settings = Quantize(form="cpu", method="entropy", op_types=("Gemm",))
+    first = quantize(fp32, features(), settings, tmp_path / "a", evaluator)
+    second = quantize(fp32, features(), settings, tmp_path / "b", evaluator)
+    assert first.sha256 == second.sha256
+    assert first.path == tmp_path / "a" / "model.int8.onnx"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.int8.onnx"]
+
+
+def test_settings_key_names_the_algorithm_and_every_setting():
+    key = quantize_settings(Quantize())
+    assert key["algorithm"] and key["method"] == "percentile" and key["form"] == "tensorrt"
+    assert quantize_settings(Quantize(method="entropy")) != key
