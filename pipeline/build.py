@@ -129,9 +129,9 @@ class Conductor:
         artifact = self.store.commit(name, key, produce)
         return artifact, False, time.perf_counter() - start
 
-    def outputs(self, artifact: Artifact, runner: Callable[[], Runner], split: str = "eval") -> np.ndarray:
-        """Logits of an artifact on a split, cached by artifact content and split content."""
-        key = sha256_bytes(f"{artifact.sha256}|{self.splits.fingerprint(split)}|{artifact.kind}".encode())
+    def outputs(self, artifact: Artifact, runner: Callable[[], Runner], split: str = "eval", how: dict | None = None) -> np.ndarray:
+        """Logits of an artifact on a split, cached by artifact content, split content and how it is run."""
+        key = sha256_bytes(f"{artifact.sha256}|{self.splits.fingerprint(split)}|{artifact.kind}|{canonical_json(how or {})}".encode())
         logits = self.store.cached_array(key)
         if logits is None:
             data = self.splits.get(split)
@@ -211,7 +211,8 @@ def quantize_stage(c: Conductor, fp32: Artifact, torch_artifact: Artifact, calib
 
     artifact, cached, wall = c.run_stage("quantize", settings, fp32.sha256, produce)
     # The TensorRT form is measured with TensorRT's arithmetic (the stage says how to run it).
-    logits = c.outputs(artifact, lambda: OrtRunner(artifact.path, session_config=ort_session_config(artifact)))
+    logits = c.outputs(artifact, lambda: OrtRunner(artifact.path, session_config=ort_session_config(artifact)),
+                       how={"ort_session_config": ort_session_config(artifact)})
     c.record("quantize", artifact, cached, wall, settings, logits, target.gates.quantize, dict(artifact.meta))
     return artifact
 

@@ -1,15 +1,15 @@
 """Torch artifacts on disk: a directory with model.pt (a state dict) and model.json.
 
 model.json says how to rebuild the architecture: a registry model's config,
-or a user's factory reference. Weights are always loaded with
+or a user's factory reference, and for a pruned or factorized model the
+structural steps to replay on it ("structure", see
+pipeline.compression.structure). Weights are always loaded with
 weights_only=True: a checkpoint can hold tensors, never code.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,8 +41,21 @@ def input_spec_of(description: Mapping[str, Any]) -> InputSpec:
 
 def build_architecture(description: Mapping[str, Any], pretrained: bool) -> nn.Module:
     if description["kind"] == "registry":
-        return build_model(FusedConfig.from_json(description["config"]), pretrained=pretrained)
-    return build_user_model(description["factory"], description["num_classes"])
+        model = build_model(FusedConfig.from_json(description["config"]), pretrained=pretrained)
+    else:
+        model = build_user_model(description["factory"], description["num_classes"])
+    return _with_structure(model, description)
+
+
+def _with_structure(model: nn.Module, description: Mapping[str, Any]) -> nn.Module:
+    """Replay the recorded pruning/factorization so the architecture matches the saved weights."""
+    steps = description.get("structure") or []
+    if not steps:
+        return model
+    from pipeline.compression.structure import apply_structure
+    from pipeline.stages.export import example_inputs
+
+    return apply_structure(model, steps, example_inputs(input_spec_of(description)))
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -51,7 +64,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(f"{path}: weights file not found")
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as error:
+    except Exception as error:  # any failure to parse an untrusted file means the same: not a checkpoint
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({first_line})")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -75,6 +88,11 @@ def load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
 
 
 def save_torch_artifact(directory: Path, model: nn.Module, description: Mapping[str, Any]) -> None:
+    """Weights and description; a compressed model's structural steps go into the description."""
+    from pipeline.compression.structure import structure_of
+
+    steps = structure_of(model)  # the model's own record wins over any copied from another artifact
+    description = {k: v for k, v in description.items() if k != "structure"} | ({"structure": steps} if steps else {})
     directory.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, directory / WEIGHTS)
     (directory / DESCRIPTION).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,79 @@
+"""Params and MACs, per branch, the way the ledger and the stage facts report them."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+BRANCHES = ("image", "text", "fusion")
+# The parts of a FusedClassifier each branch is made of; the classifier counts with fusion.
+BRANCH_PARTS = {"image": ("image_encoder",), "text": ("text_encoder",), "fusion": ("fusion", "classifier")}
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def params_by_branch(model: nn.Module) -> dict[str, int]:
+    """Parameters per branch and in total (a model without branches counts as one 'total')."""
+    counts = {branch: sum(count_params(getattr(model, part)) for part in parts if hasattr(model, part)) for branch, parts in BRANCH_PARTS.items()}
+    if not any(counts.values()):
+        return {"total": count_params(model)}
+    return {**counts, "total": count_params(model)}
+
+
+def count_macs(module: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
+    """Multiply-accumulates of one forward pass per sample (FlopCounterMode counts matmul and conv; FLOPs = 2 MACs).
+
+    Embedding lookups, norms and activations are not MACs and are not counted.
+    """
+    batch = int(inputs[0].shape[0])
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module.eval()(*inputs)
+    return int(counter.get_total_flops() // 2 // batch)
+
+
+def macs_by_branch(model: nn.Module, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+    """MACs per sample per branch and in total, for a FusedClassifier-shaped model (else only the total)."""
+    total = count_macs(model, inputs)
+    if not all(hasattr(model, part) for part in ("image_encoder", "text_encoder")):
+        return {"total": total}
+    image = count_macs(model.image_encoder, inputs[:1])
+    text = count_macs(model.text_encoder, inputs[1:])
+    return {"image": image, "text": text, "fusion": total - image - text, "total": total}
+
+
+def onnx_cpu_latency_ms(path, spec, batches: Sequence[int] = (1, 16), threads: int = 2, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Median wall time of one ONNX Runtime CPU run per batch size (the ledger's latency columns).
+
+    Inputs are the export stage's example inputs (random image, half-masked
+    tokens): latency does not depend on the values.
+    """
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from pipeline.stages.export import example_inputs
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    result = {}
+    for batch in batches:
+        feed = {name: t.numpy() for name, t in zip(names, example_inputs(spec, batch))}
+        for _ in range(warmup):
+            session.run(None, feed)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append((time.perf_counter() - start) * 1000)
+        result[f"batch{batch}_ms"] = float(np.median(times))
+    return result

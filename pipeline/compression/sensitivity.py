@@ -1,0 +1,194 @@
+"""Sensitivity of each prunable unit and factorizable layer, and ratios allocated by it.
+
+Sensitivity is measured on a small batch as the output change when only that
+one unit (or layer) is compressed: NMSE of the logits against the
+uncompressed model, top-1 agreement, and the accuracy drop when labels are
+given. Pruning is simulated exactly without rebuilding anything: the unit's
+Torch-Pruning group has every output-channel slice it would remove set to
+zero (conv/linear rows and biases, BN/LN scale and shift), so those channels
+output act(0) = 0 (ReLU, ReLU6, GELU) and reach their consumers as nothing;
+the weights are restored afterwards. Factorization is simulated by swapping
+in the rank-r reconstruction of the weight, which the two thin layers compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.compression.structure import dependency_graph
+from pipeline.compression.units import Unit, kept_channels
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    name: str  # unit or layer
+    branch: str
+    setting: float  # pruning ratio or retained energy probed
+    nmse: float  # ||z' - z||^2 / ||z||^2 over the batch's logits
+    agreement: float  # top-1 agreement with the uncompressed model
+    accuracy_drop_pts: float | None  # when labels were given
+    size: int  # parameters the unit/layer holds (the allocation weighs by it)
+
+
+def branch_of(module_name: str) -> str:
+    return {"image_encoder": "image", "text_encoder": "text"}.get(module_name.split(".")[0], "fusion")
+
+
+def _compare(reference: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[float, float, float | None]:
+    nmse = float(((logits - reference) ** 2).sum() / (reference ** 2).sum().clamp(min=1e-12))
+    agreement = float((logits.argmax(1) == reference.argmax(1)).float().mean())
+    if labels is None:
+        return nmse, agreement, None
+    drop = float((reference.argmax(1) == labels).float().mean() - (logits.argmax(1) == labels).float().mean()) * 100
+    return nmse, agreement, drop
+
+
+class BranchRunner:
+    """Logits with one branch re-run: the other branch's features are computed once (text units do not re-run the CNN)."""
+
+    def __init__(self, model: nn.Module, inputs: Sequence[torch.Tensor]):
+        self.model, self.inputs = model.eval(), tuple(inputs)
+        self.split = all(hasattr(model, a) for a in ("image_encoder", "text_encoder", "head"))
+        with torch.no_grad():
+            if self.split:
+                self.image = model.image_encoder(self.inputs[0])
+                self.text = model.text_encoder(*self.inputs[1:])
+            self.reference = self.logits("all")
+
+    @torch.no_grad()
+    def logits(self, branch: str) -> torch.Tensor:
+        if not self.split or branch == "all":
+            return self.model(*self.inputs)
+        image = self.model.image_encoder(self.inputs[0]) if branch == "image" else self.image
+        text = self.model.text_encoder(*self.inputs[1:]) if branch == "text" else self.text
+        return self.model.head(image, text)
+
+
+def _zero_group_outputs(group) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Zero every output-channel slice of a group; return what is needed to restore it."""
+    saved = []
+    graph = group._DG
+    for dep, indices in group:
+        module = dep.target.module
+        if not graph.is_out_channel_pruning_fn(dep.handler) or not isinstance(module, nn.Module):
+            continue
+        index = torch.as_tensor(sorted(indices), dtype=torch.long)
+        for attr in ("weight", "bias"):
+            tensor = getattr(module, attr, None)
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1:
+                saved.append((tensor.data, index, tensor.data[index].clone()))
+                tensor.data[index] = 0
+    return saved
+
+
+def _restore(saved) -> None:
+    for data, index, values in saved:
+        data[index] = values
+
+
+def prune_sensitivity(
+    model: nn.Module,
+    units: Sequence[Unit],
+    inputs: Sequence[torch.Tensor],
+    labels: torch.Tensor | None = None,
+    probe_ratio: float = 0.5,
+    scorer: Callable | None = None,
+) -> list[Sensitivity]:
+    """Each unit pruned alone at probe_ratio (channels chosen as the prune stage would)."""
+    from pipeline.stages.prune import importance_scorer, unit_group, channels_to_remove, unit_scores
+
+    scorer = scorer or importance_scorer("magnitude")
+    runner = BranchRunner(model, inputs)
+    graph = dependency_graph(model, tuple(t[:2] for t in inputs))
+    results = []
+    for unit in units:
+        keep = kept_channels(unit, probe_ratio)
+        indices = channels_to_remove(unit, unit_scores(graph, model, unit, scorer), keep)
+        group = unit_group(graph, model, unit, indices)
+        size = _group_params(unit_group(graph, model, unit, list(range(unit.channels))))
+        saved = _zero_group_outputs(group)
+        try:
+            logits = runner.logits(unit.branch)
+        finally:
+            _restore(saved)
+        results.append(Sensitivity(unit.name, unit.branch, probe_ratio, *_compare(runner.reference, logits, labels), size))
+    return results
+
+
+def _group_params(group) -> int:
+    """Parameters tied to a group's channels (what pruning it fully would remove), counted once per tensor."""
+    seen, total = set(), 0
+    for dep, indices in group:
+        module = dep.target.module
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or id(module) in seen:
+            continue
+        seen.add(id(module))
+        weight = module.weight
+        per_channel = weight.numel() // weight.shape[0] if group._DG.is_out_channel_pruning_fn(dep.handler) else weight.numel() // max(weight.shape[1], 1)
+        total += per_channel * len(indices)
+    return total
+
+
+def factorize_sensitivity(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    energy: float,
+    labels: torch.Tensor | None = None,
+) -> list[Sensitivity]:
+    """Each factorizable layer alone replaced by its rank-r reconstruction at `energy`."""
+    from pipeline.stages.factorize import factorizable_layers, rank_for_energy, weight_matrix
+
+    runner = BranchRunner(model, inputs)
+    results = []
+    for name, layer in factorizable_layers(model):
+        matrix = weight_matrix(layer)
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        rank = rank_for_energy(s, energy)
+        original = layer.weight.data.clone()
+        layer.weight.data = ((u[:, :rank] * s[:rank]) @ vh[:rank]).float().reshape(original.shape)
+        try:
+            logits = runner.logits(branch_of(name))
+        finally:
+            layer.weight.data = original
+        results.append(Sensitivity(name, branch_of(name), energy, *_compare(runner.reference, logits, labels), original.numel()))
+    return results
+
+
+def allocate_ratios(
+    sensitivities: Sequence[Sensitivity],
+    branch_ratios: Mapping[str, float],
+    max_ratio: float = 0.8,
+    strength: float = 0.5,
+) -> dict[str, float]:
+    """Per-unit ratios with each branch's parameter budget, sensitive units pruned less.
+
+    Within a branch the ratios are r_u = k * (s_ref / s_u)^strength, clipped to
+    [0, max_ratio], with k found by bisection so the parameter-weighted mean of
+    r_u equals the branch ratio: the branch sheds the same parameters as a
+    uniform ratio would, taken where the output notices least.
+    """
+    allocation: dict[str, float] = {}
+    for branch, target in branch_ratios.items():
+        members = [s for s in sensitivities if s.branch == branch]
+        if target <= 0 or not members:
+            continue
+        floor = 1e-12
+        reference = torch.tensor([max(m.nmse, floor) for m in members]).log().mean().exp().item()
+        weights = [(reference / max(m.nmse, floor)) ** strength for m in members]
+        sizes = [max(m.size, 1) for m in members]
+
+        def mean_ratio(k: float) -> float:
+            return sum(min(max_ratio, k * w) * n for w, n in zip(weights, sizes)) / sum(sizes)
+
+        low, high = 0.0, max_ratio / min(weights)
+        if mean_ratio(high) < target:  # the budget asks for more than max_ratio everywhere allows
+            low = high
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (mid, high) if mean_ratio(mid) < target else (low, mid)
+        allocation.update({m.name: round(min(max_ratio, high * w), 4) for m, w in zip(members, weights)})
+    return allocation

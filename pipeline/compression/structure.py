@@ -1,0 +1,146 @@
+"""What the structural stages changed, recorded so a compressed model rebuilds from model.json.
+
+A compressed model carries an ordered list of steps as a plain attribute
+(never in the state dict, never pickled):
+  {"op": "prune", "history": [[module, is_out_channels, [indices]], ...], "num_heads": {attention: heads}}
+  {"op": "factorize", "layers": [{"module": name, "rank": r}, ...]}
+save_torch_artifact writes the list into model.json under "structure";
+load_torch_artifact builds the reference architecture, replays the steps on
+it (Torch-Pruning's load_pruning_history for pruning, thin layer pairs for
+factorization), then loads the weights with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+STRUCTURE_ATTR = "compression_structure"
+# Parameters used directly (not through a layer) that have one entry per modality,
+# not per channel: Torch-Pruning would otherwise guess they follow the channels.
+PER_MODALITY_PARAMETERS = ("modality_logits",)
+
+
+def structure_of(model: nn.Module) -> list[dict[str, Any]]:
+    return copy.deepcopy(getattr(model, STRUCTURE_ATTR, []))
+
+
+def append_step(model: nn.Module, step: Mapping[str, Any]) -> None:
+    # object.__setattr__ keeps the list a plain attribute (nn.Module.__setattr__ would too, but says so louder).
+    object.__setattr__(model, STRUCTURE_ATTR, [*structure_of(model), dict(step)])
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def dependency_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor]):
+    import torch_pruning as tp
+
+    with warnings.catch_warnings():
+        # Torch-Pruning warns about the attention-fusion query (an nn.Parameter used
+        # directly); its default, pruning the last dimension, is the right one.
+        warnings.simplefilter("ignore")
+        fixed = [p for name, p in model.named_parameters() if name.rpartition(".")[2] in PER_MODALITY_PARAMETERS]
+        return tp.DependencyGraph().build_dependency(model.eval(), example_inputs=tuple(example_inputs), ignored_params=fixed, verbose=False)
+
+
+def json_history(history: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    return [[str(name), bool(is_out), [int(i) for i in indices]] for name, is_out, indices in history]
+
+
+def set_num_heads(model: nn.Module, num_heads: Mapping[str, int]) -> None:
+    """Make each pruned SelfAttention's forward read its new head count (head_dim is unchanged: whole heads go)."""
+    for name, heads in num_heads.items():
+        attention = model.get_submodule(name)
+        attention.num_heads = int(heads)
+        attention.head_dim = attention.query.out_features // int(heads)
+
+
+def sync_feature_widths(model: nn.Module) -> None:
+    """Refresh the out_features attributes the modules were built with (read by builders and reports, not by forward)."""
+    image, text, fusion = (getattr(model, n, None) for n in ("image_encoder", "text_encoder", "fusion"))
+    if image is not None and hasattr(image, "head"):
+        image.out_features = _out_width(image.head[0])
+    elif image is not None and hasattr(image, "features"):
+        image.out_features = [m for m in image.features if isinstance(m, nn.Conv2d)][-1].out_channels
+    if text is not None and hasattr(text, "embeddings"):
+        text.out_features = text.embeddings.LayerNorm.normalized_shape[0]
+    if fusion is not None and hasattr(fusion, "image_proj"):
+        width = _out_width(fusion.image_proj)
+        fusion.out_features = width + _out_width(fusion.text_proj) if type(fusion).__name__.startswith("Concat") else width
+
+
+def _out_width(module: nn.Module) -> int:
+    last = module[-1] if isinstance(module, nn.Sequential) else module
+    return last.out_channels if isinstance(last, nn.Conv2d) else last.out_features
+
+
+def replay_pruning(model: nn.Module, step: Mapping[str, Any], example_inputs: Sequence[torch.Tensor]) -> None:
+    graph = dependency_graph(model, example_inputs)
+    graph.load_pruning_history([(name, is_out, list(indices)) for name, is_out, indices in step["history"]])
+    set_num_heads(model, step.get("num_heads", {}))
+    sync_feature_widths(model)
+
+
+# ---------------------------------------------------------------- factorization
+
+
+def is_pointwise_conv(module: nn.Module) -> bool:
+    """A 1x1 convolution without groups, dilation or padding: a Linear over channels."""
+    if not isinstance(module, nn.Conv2d) or module.kernel_size != (1, 1) or module.groups != 1:
+        return False
+    # EfficientNet's Conv2dStaticSamePadding pads in forward through its own Identity class when k = 1.
+    extra_padding = getattr(module, "static_padding", None)
+    padding_free = module.padding in ((0, 0), 0) and (extra_padding is None or type(extra_padding).__name__ == "Identity")
+    return padding_free and module.padding_mode == "zeros"
+
+
+def low_rank_pair(layer: nn.Module, rank: int) -> nn.Sequential:
+    """Two thinner layers in place of one: in -> rank (no bias) -> out (the original bias).
+
+    Plain Linear/Conv2d pairs, so the graph exports as two MatMul/Gemm or Conv
+    nodes that quantize like any other; an Embedding becomes a narrower
+    Embedding (a Gather) and a Linear back to the hidden width (ALBERT's
+    factorized embedding).
+    """
+    if isinstance(layer, nn.Embedding):
+        return nn.Sequential(nn.Embedding(layer.num_embeddings, rank, padding_idx=layer.padding_idx), nn.Linear(rank, layer.embedding_dim, bias=False))
+    if isinstance(layer, nn.Linear):
+        return nn.Sequential(nn.Linear(layer.in_features, rank, bias=False), nn.Linear(rank, layer.out_features, bias=layer.bias is not None))
+    if is_pointwise_conv(layer):
+        return nn.Sequential(
+            nn.Conv2d(layer.in_channels, rank, 1, stride=layer.stride, bias=False),
+            nn.Conv2d(rank, layer.out_channels, 1, bias=layer.bias is not None),
+        )
+    raise TypeError(f"cannot factorize {type(layer).__name__}: only Linear, 1x1 Conv2d and Embedding")
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def replay_factorization(model: nn.Module, step: Mapping[str, Any]) -> None:
+    for layer in step["layers"]:
+        replace_module(model, layer["module"], low_rank_pair(model.get_submodule(layer["module"]), int(layer["rank"])))
+
+
+# ---------------------------------------------------------------- rebuild
+
+
+def apply_structure(model: nn.Module, steps: Sequence[Mapping[str, Any]], example_inputs: Sequence[torch.Tensor]) -> nn.Module:
+    """Reshape a freshly built reference model into the compressed architecture (weights are loaded after)."""
+    for step in steps:
+        if step["op"] == "prune":
+            replay_pruning(model, step, example_inputs)
+        elif step["op"] == "factorize":
+            replay_factorization(model, step)
+        else:
+            raise ValueError(f"unknown structure step '{step['op']}' in model.json")
+        append_step(model, step)
+    return model

@@ -1,0 +1,217 @@
+"""The compression stages on fused-tiny: prune, factorize, sensitivity, and the torch artifact round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.compression.sensitivity import BranchRunner, _restore, _zero_group_outputs, allocate_ratios, prune_sensitivity
+from pipeline.compression.structure import dependency_graph
+from pipeline.compression.units import prunable_units
+from pipeline.errors import InputError
+from pipeline.models import build_model, default_config
+from pipeline.models.checkpoint import describe_registry_model, load_torch_artifact, save_torch_artifact
+from pipeline.stages.export import example_inputs, export_onnx
+from pipeline.stages.factorize import factorize, rank_for_energy
+from pipeline.stages.prune import set_trainable_split, unit_group, channels_to_remove, prune, prune_settings, unit_scores, importance_scorer
+from pipeline.data.encode import Encoded
+from pipeline.stages.quantize import quantize
+from pipeline.targets import Compression, Quantize
+
+HALF = Compression(prune_image=0.5, prune_text=0.5, prune_fusion=0.5)
+
+
+def tiny(fusion: str = "attention"):
+    config = default_config("fused-tiny", 9, fusion)
+    torch.manual_seed(0)
+    return config, build_model(config, pretrained=False).eval()
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(*inputs)
+
+
+@pytest.fixture(scope="module")
+def pruned_tiny():
+    config, model = tiny("attention")
+    inputs = example_inputs(config.input_spec())
+    pruned, facts = prune(model, HALF, inputs)
+    return config, model, pruned, facts
+
+
+# --- prune --------------------------------------------------------------------
+
+
+def test_pruning_shrinks_every_branch_and_keeps_the_forward_pass(pruned_tiny):
+    config, model, pruned, facts = pruned_tiny
+    for branch in ("image", "text", "fusion"):
+        assert facts["params_after"][branch] < facts["params_before"][branch]
+    assert facts["macs_after"]["total"] < 0.6 * facts["macs_before"]["total"]
+    out = logits(pruned, example_inputs(config.input_spec(), batch=3))
+    assert out.shape == (3, 9)  # class outputs are never pruned
+    assert torch.isfinite(out).all()
+    assert sum(p.numel() for p in model.parameters()) == facts["params_before"]["total"]  # the input model is untouched
+
+
+def test_pruned_widths_are_whole_heads_and_multiples_of_eight(pruned_tiny):
+    _, model, pruned, facts = pruned_tiny
+    attention = pruned.text_encoder.encoder.layer[0].attention.self
+    original = model.text_encoder.encoder.layer[0].attention.self
+    assert attention.head_dim == original.head_dim  # whole heads go, head_dim stays
+    assert attention.num_heads == original.num_heads // 2
+    assert attention.query.out_features == attention.num_heads * attention.head_dim
+    for unit in facts["units"]:
+        assert unit["channels_after"] % 8 == 0 and unit["channels_after"] < unit["channels_before"]
+    assert pruned.fusion.image_proj.in_features == pruned.image_encoder.features[-3].out_channels  # fusion input remapped
+
+
+@pytest.mark.parametrize("fusion", ["concat", "weighted"])
+def test_pruning_works_for_every_fusion(fusion):
+    config, model = tiny(fusion)
+    pruned, facts = prune(model, Compression(prune_fusion=0.5), example_inputs(config.input_spec()))
+    assert logits(pruned, example_inputs(config.input_spec(), batch=3)).shape == (3, 9)
+    if fusion == "weighted":
+        assert pruned.fusion.modality_logits.numel() == 2  # one weight per modality, not per channel
+    assert facts["params_after"]["fusion"] < facts["params_before"]["fusion"]
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1])
+def test_a_ratio_that_removes_everything_is_refused(ratio):
+    config, model = tiny()
+    with pytest.raises(InputError, match="must be in \\[0, 1\\)"):
+        prune(model, Compression(prune_text=ratio), example_inputs(config.input_spec()))
+
+
+def test_unknown_units_and_missing_taylor_batch_are_refused():
+    config, model = tiny()
+    inputs = example_inputs(config.input_spec())
+    with pytest.raises(InputError, match="not a prunable unit"):
+        prune(model, Compression(), inputs, unit_ratios={"text.layer9.ffn": 0.5})
+    with pytest.raises(InputError, match="labelled batch"):
+        prune(model, HALF, inputs, importance="taylor")
+
+
+def test_taylor_importance_prunes_to_the_same_widths():
+    config, model = tiny()
+    inputs = example_inputs(config.input_spec(), batch=4)
+    pruned, facts = prune(model, Compression(prune_text=0.5), inputs, importance="taylor", importance_batch=(inputs, torch.tensor([0, 1, 2, 3])))
+    assert {u["unit"]: u["channels_after"] for u in facts["units"]}["text.layer0.ffn"] == 64
+    assert all(p.grad is None and not p.requires_grad for p in pruned.parameters())
+    assert prune_settings(Compression(prune_text=0.5), "taylor")["importance"] == "taylor"
+
+
+def test_trainable_scope_leaves_the_frozen_prefix_alone():
+    config, model = tiny()
+    model.text_encoder.split_at = 1  # layer 0 frozen, as in the pretrained model's prefix
+    _, facts = prune(model, Compression(prune_text=0.5), example_inputs(config.input_spec()))
+    assert {u["unit"] for u in facts["units"]} == {"text.layer1.heads", "text.layer1.ffn"}
+    assert facts["recovery_split"] == {"text_layers": 1}
+    _, facts = prune(model, Compression(prune_text=0.5), example_inputs(config.input_spec()), scope={"text": "all"})
+    assert facts["recovery_split"] == {"text_layers": 2}
+    set_trainable_split(model, **facts["recovery_split"])
+    assert model.text_encoder.split_at == 0
+
+
+# --- torch artifact round trip -------------------------------------------------
+
+
+def test_compressed_model_round_trips_and_exports_with_a_dynamic_batch(pruned_tiny, tmp_path):
+    import onnxruntime as ort
+
+    config, _, pruned, _ = pruned_tiny
+    factorized, facts = factorize(pruned, energy=0.5, embeddings=True)
+    assert "text_encoder.embeddings.word_embeddings" in {layer["module"] for layer in facts["layers_factorized"]}
+    save_torch_artifact(tmp_path / "torch", factorized, describe_registry_model(config))
+    reloaded = load_torch_artifact(tmp_path / "torch")  # weights_only=True inside
+    inputs = example_inputs(config.input_spec(), batch=5)
+    torch.testing.assert_close(logits(reloaded, inputs), logits(factorized, inputs), rtol=0, atol=0)
+
+    artifact = export_onnx(reloaded, config.input_spec(), tmp_path, simplifier="none")
+    assert artifact.meta["inputs"]["image"][0] == "batch"
+    session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {name: t.numpy() for name, t in zip(("image", "input_ids", "attention_mask"), inputs)})[0]
+    np.testing.assert_allclose(out, logits(reloaded, inputs).numpy(), atol=1e-4)
+
+    calibration = Encoded(ids=tuple(map(str, range(8))), inputs={n: t.numpy() for n, t in zip(("image", "input_ids", "attention_mask"), example_inputs(config.input_spec(), batch=8))}, labels=np.zeros(8, dtype=np.int64))
+    int8 = quantize(artifact, calibration, Quantize(method="minmax"), tmp_path)
+    int8_out = ort.InferenceSession(str(int8.path), providers=["CPUExecutionProvider"]).run(None, {n: a for n, a in calibration.inputs.items()})[0]
+    assert int8_out.shape == (8, 9) and np.isfinite(int8_out).all()
+
+
+# --- factorize -----------------------------------------------------------------
+
+
+def test_a_factorized_linear_is_as_close_as_its_retained_energy_says():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 64)
+    with torch.no_grad():  # a decaying spectrum, as trained weights have
+        u, _, vh = torch.linalg.svd(torch.randn(64, 96), full_matrices=False)
+        layer.weight.copy_(u @ torch.diag(0.9 ** torch.arange(64.0)) @ vh)
+    model = torch.nn.Sequential(layer)
+    factorized, facts = factorize(model, energy=0.9, min_saving=0.0)
+    (plan,) = facts["layers_factorized"]
+    assert plan["rank"] % 8 == 0 and plan["energy_kept"] >= 0.9
+    low_rank = factorized[0][1].weight @ factorized[0][0].weight
+    relative_error = float((low_rank - layer.weight).detach().norm() ** 2 / layer.weight.detach().norm() ** 2)
+    assert relative_error == pytest.approx(1 - plan["energy_kept"], abs=1e-5)  # Eckart-Young: the discarded energy
+    x = torch.randn(32, 96)
+    sigma_next = float(torch.linalg.svdvals(layer.weight.detach())[plan["rank"]])
+    with torch.no_grad():
+        error = (factorized(x) - model(x)).norm(dim=1)
+    assert bool((error <= sigma_next * x.norm(dim=1) + 1e-5).all())  # ||(W - W_r) x|| <= sigma_{r+1} ||x||
+
+
+def test_factorization_skips_layers_where_it_would_not_save():
+    config, model = tiny()
+    factorized, facts = factorize(model, energy=0.999)
+    skipped = {s["module"]: s["reason"] for s in facts["skipped"]}
+    assert "classifier" in skipped and "saves too little" in skipped["classifier"]
+    assert facts["params_after"]["total"] <= facts["params_before"]["total"]
+    with pytest.raises(InputError, match="retained spectral energy"):
+        factorize(model, energy=1.5)
+
+
+def test_rank_for_energy_rounds_up_to_multiples_of_eight():
+    values = torch.tensor([10.0, 5, 1, 0.5] + [0.01] * 20)
+    assert rank_for_energy(values, 0.5) == 8
+    assert rank_for_energy(values, 1.0) == 24  # capped at full rank
+
+
+# --- sensitivity and allocation ------------------------------------------------
+
+
+def test_sensitivity_ranks_a_deliberately_fragile_unit_first():
+    config, model = tiny()
+    with torch.no_grad():  # layer 1's FFN now dominates its residual sum: halving it must hurt most
+        model.text_encoder.encoder.layer[1].output.dense.weight.mul_(50)
+    text_units = [u for u in prunable_units(model) if u.branch == "text"]
+    results = prune_sensitivity(model, text_units, example_inputs(config.input_spec(), batch=16))
+    assert max(results, key=lambda s: s.nmse).name == "text.layer1.ffn"
+    allocation = allocate_ratios(results, {"text": 0.5})
+    assert allocation["text.layer1.ffn"] == min(allocation.values())
+    sizes = {s.name: s.size for s in results}
+    assert sum(allocation[n] * sizes[n] for n in allocation) / sum(sizes.values()) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_simulated_pruning_equals_real_pruning():
+    config, model = tiny()
+    inputs = example_inputs(config.input_spec(), batch=4)
+    unit = next(u for u in prunable_units(model) if u.name == "text.layer0.heads")
+    graph = dependency_graph(model, inputs)
+    keep = unit.channels // 2
+    saved = _zero_group_outputs(unit_group(graph, model, unit, channels_to_remove(unit, unit_scores(graph, model, unit, importance_scorer("magnitude")), keep)))
+    simulated = BranchRunner(model, inputs).logits("all")
+    _restore(saved)
+    pruned, _ = prune(model, Compression(), inputs, unit_ratios={unit.name: 0.5})
+    torch.testing.assert_close(simulated, logits(pruned, inputs), atol=1e-5, rtol=1e-4)
+
+
+def test_efficientnet_pointwise_convs_are_factorizable_and_depthwise_are_not():
+    from pipeline.models.image import EfficientNetLiteEncoder
+    from pipeline.stages.factorize import factorizable_layers
+
+    names = {name for name, _ in factorizable_layers(EfficientNetLiteEncoder(pretrained=False, trainable_blocks=1))}
+    assert "blocks.3._expand_conv" in names and "blocks.3._project_conv" in names and "head.0" in names
+    assert not any("depthwise" in name for name in names) and "stem.0" not in names
