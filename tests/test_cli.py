@@ -180,3 +180,52 @@ def test_targets_lists_every_target_with_tensorrt_cc_and_dla(capsys):
     for name in ("jetson-orin-nano", "jetson-agx-orin", "gpu-hopper", "cpu"):
         assert name in out
     assert "8.7" in out and "10.3" in out
+
+
+USER_MODEL = '''
+import torch
+from torch import nn
+
+
+class TinyUserModel(nn.Module):
+    input_spec = {"image_size": 24, "max_tokens": 8}
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.embed = nn.Embedding(30522, 8)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, image, input_ids, attention_mask):
+        picture = torch.relu(self.conv(image)).mean(dim=(2, 3))
+        weights = attention_mask.to(picture.dtype).unsqueeze(-1)
+        words = (self.embed(input_ids) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.head(torch.cat([picture, words], dim=1))
+
+
+def make(num_classes):
+    return TinyUserModel(num_classes)
+'''
+
+
+def test_users_own_model_and_weights_go_through_the_pipeline(tmp_path, emoji_folder):
+    import torch
+
+    (tmp_path / "my_models.py").write_text(USER_MODEL)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import my_models
+
+        torch.manual_seed(0)
+        weights = tmp_path / "mine.pt"
+        torch.save(my_models.make(9).state_dict(), weights)
+        target = write_target(tmp_path / "lenient.toml", base="cpu", gates=LENIENT_INT8)
+        code = main(["build", "--model", "my_models:make", "--weights", str(weights), "--data", str(emoji_folder),
+                     "--target", str(target), "--out", str(tmp_path / "out")])
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert code == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["stages"][0]["settings"]["mode"] == "load"
+    assert manifest["stages"][0]["facts"]["input_spec"]["image_size"] == 24
+    assert manifest["stages"][1]["parity"]["vs_reference"]["agreement"] == 1.0
