@@ -19,6 +19,7 @@ from typing import Any, Iterator, Literal, Mapping
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.onnx_graph import producers_and_consumers
 from pipeline.targets import Target, version_tuple
 
 if sys.version_info >= (3, 11):
@@ -158,14 +159,8 @@ class _Graph:
         self.graph = graph
         # None: a constant whose bytes live in an external data file (not loaded).
         self.constants: dict[str, np.ndarray | None] = {init.name: _initializer_value(init) for init in graph.initializer}
-        self.producer: dict[str, Any] = {}
-        self.consumers: dict[str, list[Any]] = {}
+        self.producer, self.consumers = producers_and_consumers(graph)
         for node in graph.node:
-            for name in node.output:
-                self.producer[name] = node
-            for name in node.input:
-                if name:
-                    self.consumers.setdefault(name, []).append(node)
             if node.op_type == "Constant" and node.output:
                 value = _constant_node_value(node)
                 if value is not None:

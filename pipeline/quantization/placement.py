@@ -28,6 +28,8 @@ from typing import Any, Iterable, Literal, Mapping
 
 import numpy as np
 
+from pipeline.onnx_graph import producers_and_consumers
+
 PLACEMENT_RULE = ("TensorRT Developer Guide, Q/DQ Layer Placement Recommendations: quantize the inputs and weights "
                   "of weighted ops and both inputs of convolution residual adds; transformer residual adds and fragile "
                   "ops (LayerNorm, Softmax, GELU) stay float (TensorRT#2564, #4723; outlier features, LLM.int8())")
@@ -80,14 +82,8 @@ class GraphIndex:
         graph = model.graph
         self.constants: set[str] = {init.name for init in graph.initializer}
         self.initializers: Mapping[str, Any] = {init.name: init for init in graph.initializer}
-        self.producer: dict[str, Any] = {}
-        self.consumers: dict[str, list[Any]] = {}
+        self.producer, self.consumers = producers_and_consumers(graph)
         for node in graph.node:
-            for name in node.output:
-                self.producer[name] = node
-            for name in node.input:
-                if name:
-                    self.consumers.setdefault(name, []).append(node)
             if node.op_type == "Constant":
                 self.constants.update(node.output)
         infos = [*graph.input, *graph.value_info, *graph.output]
