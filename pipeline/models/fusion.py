@@ -17,43 +17,47 @@ from torch import nn
 FUSIONS = ("concat", "weighted", "attention")
 
 
-class ConcatFusion(nn.Module):
+class _ProjectedPair(nn.Module):
+    """Projects each modality to dim with its own Linear + ReLU: the part every fusion shares."""
+
     def __init__(self, image_features: int, text_features: int, dim: int):
         super().__init__()
         self.image_proj = nn.Linear(image_features, dim)
         self.text_proj = nn.Linear(text_features, dim)
         self.act = nn.ReLU()
+        self.out_features = dim
+
+    def project(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.act(self.image_proj(image)), self.act(self.text_proj(text))
+
+
+class ConcatFusion(_ProjectedPair):
+    def __init__(self, image_features: int, text_features: int, dim: int):
+        super().__init__(image_features, text_features, dim)
         self.out_features = 2 * dim
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.act(self.image_proj(image)), self.act(self.text_proj(text))], dim=1)
+        return torch.cat(self.project(image, text), dim=1)
 
 
-class WeightedFusion(nn.Module):
+class WeightedFusion(_ProjectedPair):
     def __init__(self, image_features: int, text_features: int, dim: int):
-        super().__init__()
-        self.image_proj = nn.Linear(image_features, dim)
-        self.text_proj = nn.Linear(text_features, dim)
-        self.act = nn.ReLU()
+        super().__init__(image_features, text_features, dim)
         self.modality_logits = nn.Parameter(torch.zeros(2))
-        self.out_features = dim
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         weights = torch.softmax(self.modality_logits, dim=0)
-        return weights[0] * self.act(self.image_proj(image)) + weights[1] * self.act(self.text_proj(text))
+        projected_image, projected_text = self.project(image, text)
+        return weights[0] * projected_image + weights[1] * projected_text
 
 
-class AttentionFusion(nn.Module):
+class AttentionFusion(_ProjectedPair):
     def __init__(self, image_features: int, text_features: int, dim: int):
-        super().__init__()
-        self.image_proj = nn.Linear(image_features, dim)
-        self.text_proj = nn.Linear(text_features, dim)
-        self.act = nn.ReLU()
+        super().__init__(image_features, text_features, dim)
         self.query = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
-        self.out_features = dim
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        tokens = torch.stack([self.act(self.image_proj(image)), self.act(self.text_proj(text))], dim=1)  # [N, 2, D]
+        tokens = torch.stack(self.project(image, text), dim=1)  # [N, 2, D]
         scores = torch.matmul(tokens, self.query) / math.sqrt(tokens.shape[-1])  # [N, 2]
         weights = torch.softmax(scores, dim=1).unsqueeze(-1)
         return (weights * tokens).sum(dim=1)
