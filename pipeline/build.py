@@ -1,7 +1,8 @@
 """The conductor: plan the stages, run them through the cache, gate every artifact, write the manifest.
 
-The whole pipeline reads top to bottom in build(): source -> export ->
-quantize -> engine (or device bundle). Stages are functions artifact ->
+The whole pipeline reads top to bottom in build(): source -> prune ->
+factorize -> export -> quantize -> engine (or device bundle); prune and
+factorize run when the target's compression asks for them. Stages are functions artifact ->
 artifact; this module is the only one that knows about caching, parity gates
 and the manifest.
 """
@@ -27,6 +28,7 @@ from pipeline.data.base import Dataset
 from pipeline.data.calibration import CalibrationSet, load_calibration_set
 from pipeline.data.encode import Encoded, InputSpec, encode
 from pipeline.errors import EngineRequired, GateFailed, InputError
+from pipeline.footprint import Footprint, onnx_footprint, torch_footprint
 from pipeline.parity import Gate, ParityRow, check_gate, parity_row
 from pipeline.runners import OrtRunner, Runner, TorchRunner, run_batches
 from pipeline.store import Store, artifact_digest, atomic_write_json, cache_key, canonical_json, sha256_bytes, sha256_file
@@ -35,6 +37,7 @@ from pipeline.training import TrainSettings
 
 MANIFEST_SCHEMA = 1
 GOLDEN_SAMPLES = 128
+SENSITIVITY_SAMPLES = 64
 VERSIONED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxscript", "numpy", "transformers", "torch-pruning", "tensorrt")
 
 
@@ -50,6 +53,7 @@ class BuildConfig:
     simplifier: str = "onnxsim"
     eval_batch: int = 32
     require_engine: bool = False
+    measure_latency: bool = True  # ONNX Runtime CPU latency of every stage (the ledger's cost columns)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class StageResult:
     parity: ParityRow | None = None
     gate: Gate | None = None
     facts: dict = field(default_factory=dict)
+    footprint: Footprint | None = None
 
     def to_json(self, root: Path) -> dict[str, Any]:
         return {
@@ -74,6 +79,7 @@ class StageResult:
             "parity": self.parity.to_json() if self.parity else None,
             "gate": dataclasses.asdict(self.gate) if self.gate else None,
             "facts": self.facts,
+            "footprint": self.footprint.to_json() if self.footprint else None,
         }
 
 
@@ -141,17 +147,51 @@ class Conductor:
             self.store.save_array(key, logits)
         return logits
 
+    def footprint(self, artifact: Artifact, counted_from: Footprint | None = None) -> Footprint:
+        """Params, MACs, ONNX size and CPU latency of an artifact (cached by its content)."""
+        spec, measure = self.splits.spec, self.config.measure_latency
+        key = sha256_bytes(f"footprint|{artifact.sha256}|{canonical_json(spec.to_json())}|{measure}|{self.config.simplifier}".encode())
+        cached = self.store.cached_json(key)
+        if cached is not None:
+            return Footprint.from_json(cached)
+        self.say(f"  measuring the cost of {artifact.kind} artifact" + (" (ONNX Runtime CPU latency)" if measure else ""))
+        if artifact.kind == "torch":
+            found = torch_footprint(artifact.path, spec, self.config.simplifier, measure)
+        else:
+            found = onnx_footprint(artifact.path, spec, counted_from, measure)
+        self.store.save_json(key, found.to_json())
+        return found
+
+    def recovery(self, reference: Artifact, gate: Gate, epochs: int) -> "Recovery":
+        """Distillation from the reference: its train-split logits as teacher, stop once calib accuracy is safely inside the gate."""
+        from pipeline.stages.recovery import Recovery
+
+        run = lambda: TorchRunner(_load_torch(reference))
+        teacher = self.outputs(reference, run, split="train")
+        calib = self.splits.get("calib")
+        reference_accuracy = float(np.mean(self.outputs(reference, run, split="calib").argmax(1) == calib.labels))
+        # Half the gate's budget on calib: the eval gate is then checked on unseen samples, with room for quantization.
+        margin = (gate.max_drop_pts if gate.max_drop_pts is not None else 1.0) / 2 / 100
+        return Recovery(self.splits.get("train"), calib, teacher, reference_accuracy - margin,
+                        dataclasses.replace(self.config.train, epochs=epochs))
+
+    def probe(self) -> Encoded:
+        """The samples sensitivity is measured on: the first of the calib split (never eval)."""
+        calib = self.splits.get("calib")
+        return calib.subset(range(min(SENSITIVITY_SAMPLES, len(calib))))
+
     def labels(self) -> np.ndarray:
         return np.asarray([s.label for s in self.splits.dataset.split("eval")], dtype=np.int64)
 
-    def record(self, name: str, artifact: Artifact, cached: bool, wall_s: float, settings: dict, logits: np.ndarray | None, gate: Gate | None, facts: dict | None = None) -> None:
+    def record(self, name: str, artifact: Artifact, cached: bool, wall_s: float, settings: dict, logits: np.ndarray | None, gate: Gate | None,
+               facts: dict | None = None, footprint: Footprint | None = None) -> None:
         row = None
         if logits is not None:
             reference = self.logits.get("source", logits)
             previous = next(reversed(self.logits.values()), logits)
             row = parity_row(name, logits, reference, previous, self.labels())
             self.logits[name] = logits
-        self.results.append(StageResult(name, artifact, cached, wall_s, settings, row, gate, facts or {}))
+        self.results.append(StageResult(name, artifact, cached, wall_s, settings, row, gate, facts or {}, footprint))
         if row is not None and gate is not None:
             violations = check_gate(gate, row)
             if violations:
@@ -173,7 +213,7 @@ def source_stage(c: Conductor, dataset: Dataset) -> Artifact:
         produce = lambda wd: load_source(config.model, dataset, config.fusion, config.weights, wd)
     artifact, cached, wall = c.run_stage("source", settings, input_sha, produce)
     logits = c.outputs(artifact, lambda: TorchRunner(_load_torch(artifact)))
-    c.record("source", artifact, cached, wall, settings, logits, gate=None, facts=dict(artifact.meta))
+    c.record("source", artifact, cached, wall, settings, logits, gate=None, facts=dict(artifact.meta), footprint=c.footprint(artifact))
     return artifact
 
 
@@ -183,6 +223,40 @@ def _load_torch(artifact: Artifact):
     return load_torch_artifact(artifact.path)
 
 
+def prune_stage(c: Conductor, model: Artifact, reference: Artifact, spec: InputSpec) -> Artifact:
+    from pipeline.stages import prune as p
+
+    compression, gate = c.config.target.compression, c.config.target.gates.prune
+    recovery = functools.cache(lambda: c.recovery(reference, gate, compression.recovery_epochs))
+    settings = {**p.prune_settings(compression, compression.importance, "trainable"),
+                "reach": {"image_blocks": compression.image_blocks, "text_layers": compression.text_layers},
+                "allocate": compression.allocate, "recovery": {"epochs": compression.recovery_epochs, "train": dataclasses.asdict(c.config.train),
+                                                                "gate": dataclasses.asdict(gate)},
+                "data": {split: c.splits.fingerprint(split) for split in ("train", "calib")}, "reference": reference.sha256}
+    artifact, cached, wall = c.run_stage("prune", settings, model.sha256,
+                                         lambda wd: p.prune_stage(model, compression, spec, recovery(), c.probe(), wd))
+    logits = c.outputs(artifact, lambda: TorchRunner(_load_torch(artifact)))
+    c.record("prune", artifact, cached, wall, settings, logits, gate, dict(artifact.meta), c.footprint(artifact))
+    return artifact
+
+
+def factorize_stage(c: Conductor, model: Artifact, reference: Artifact, spec: InputSpec) -> Artifact:
+    from pipeline.stages import factorize as f
+
+    compression, gate = c.config.target.compression, c.config.target.gates.factorize
+    recovery = functools.cache(lambda: c.recovery(reference, gate, compression.recovery_epochs))
+    settings = {**f.factorize_settings(compression.factorize_energy, scope="trainable", embeddings=compression.embedding_energy is not None,
+                                       embedding_energy=compression.embedding_energy),
+                "reach": {"image_blocks": compression.image_blocks, "text_layers": compression.text_layers},
+                "recovery": {"epochs": compression.recovery_epochs, "train": dataclasses.asdict(c.config.train), "gate": dataclasses.asdict(gate)},
+                "data": {split: c.splits.fingerprint(split) for split in ("train", "calib")}, "reference": reference.sha256}
+    artifact, cached, wall = c.run_stage("factorize", settings, model.sha256,
+                                         lambda wd: f.factorize_stage(model, compression, spec, recovery(), c.probe(), wd))
+    logits = c.outputs(artifact, lambda: TorchRunner(_load_torch(artifact)))
+    c.record("factorize", artifact, cached, wall, settings, logits, gate, dict(artifact.meta), c.footprint(artifact))
+    return artifact
+
+
 def export_stage(c: Conductor, torch_artifact: Artifact, spec: InputSpec) -> Artifact:
     from pipeline.stages.export import OPSET, export_onnx
 
@@ -190,7 +264,8 @@ def export_stage(c: Conductor, torch_artifact: Artifact, spec: InputSpec) -> Art
     artifact, cached, wall = c.run_stage("export", settings, torch_artifact.sha256,
                                          lambda wd: export_onnx(_load_torch(torch_artifact), spec, wd, c.config.simplifier))
     logits = c.outputs(artifact, lambda: OrtRunner(artifact.path))
-    c.record("export", artifact, cached, wall, settings, logits, c.config.target.gates.export, dict(artifact.meta))
+    c.record("export", artifact, cached, wall, settings, logits, c.config.target.gates.export, dict(artifact.meta),
+             c.footprint(artifact, counted_from=c.results[-1].footprint))
     return artifact
 
 
@@ -212,7 +287,8 @@ def quantize_stage(c: Conductor, fp32: Artifact, torch_artifact: Artifact, calib
     # The TensorRT form is measured with TensorRT's arithmetic (the stage says how to run it).
     logits = c.outputs(artifact, lambda: OrtRunner(artifact.path, session_config=ort_session_config(artifact)),
                        how={"ort_session_config": ort_session_config(artifact)})
-    c.record("quantize", artifact, cached, wall, settings, logits, target.gates.quantize, dict(artifact.meta))
+    c.record("quantize", artifact, cached, wall, settings, logits, target.gates.quantize, dict(artifact.meta),
+             c.footprint(artifact, counted_from=c.results[-1].footprint))
     return artifact
 
 
@@ -302,9 +378,14 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
         engine: dict[str, Any] = {"status": "not-run"}
         failure = None
         try:
-            torch_model = source_stage(conductor, dataset)
-            fp32 = export_stage(conductor, torch_model, spec)
-            int8 = quantize_stage(conductor, fp32, torch_model, calibration)
+            reference = source_stage(conductor, dataset)
+            model = reference
+            if config.target.compression.prunes():
+                model = prune_stage(conductor, model, reference, spec)
+            if config.target.compression.factorizes():
+                model = factorize_stage(conductor, model, reference, spec)
+            fp32 = export_stage(conductor, model, spec)
+            int8 = quantize_stage(conductor, fp32, model, calibration)
             engine = deploy_stage(conductor, int8)
         except GateFailed as error:
             failure = str(error)
@@ -327,7 +408,7 @@ def make_manifest(config: BuildConfig, versions: dict, dataset: Dataset, calibra
         "config": {
             "model": config.model, "data": config.data, "weights": str(config.weights) if config.weights else None,
             "fusion": config.fusion, "train": dataclasses.asdict(config.train), "simplifier": config.simplifier,
-            "eval_batch": config.eval_batch, "require_engine": config.require_engine,
+            "eval_batch": config.eval_batch, "require_engine": config.require_engine, "measure_latency": config.measure_latency,
         },
         "data": {
             "dataset": dataset.name, "fingerprint": dataset.fingerprint, "classes": list(dataset.classes),

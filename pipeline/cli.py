@@ -36,6 +36,14 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=defaults.seed, help=f"training seed (default: {defaults.seed})")
     build.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default=None, help="INT8 calibration method (default: the target's)")
     build.add_argument("--calibration", default=None, help="calibration set name in calibration/ (default: the target's)")
+    for branch in ("image", "text", "fusion"):
+        build.add_argument(f"--prune-{branch}", type=float, default=None, metavar="RATIO",
+                           help=f"share of {branch} channels pruned per unit, 0 to skip (default: the target's compression.prune_{branch})")
+    build.add_argument("--factorize-energy", type=float, default=None, metavar="E", help="low-rank factorize Linear/1x1 conv layers keeping this spectral energy (default: the target's)")
+    build.add_argument("--embedding-energy", type=float, default=None, metavar="E", help="factorize the token embedding keeping this spectral energy (default: the target's)")
+    build.add_argument("--recovery-epochs", type=int, default=None, metavar="N", help="distillation epochs after each structural stage (default: the target's)")
+    build.add_argument("--no-compression", action="store_true", help="skip the prune and factorize stages (export the trained model as it is)")
+    build.add_argument("--no-latency", action="store_true", help="skip timing every stage's ONNX with ONNX Runtime (params and MACs are still counted)")
     build.add_argument("--simplifier", choices=("onnxsim", "none"), default="onnxsim", help="ONNX graph simplifier after export (default: onnxsim)")
     build.add_argument("--require-engine", action="store_true", help="fail (exit 4) instead of writing a device bundle when no engine can be built here")
     build.add_argument("--json", action="store_true", help="print the manifest summary as JSON instead of the table")
@@ -52,11 +60,18 @@ def _build_parser() -> argparse.ArgumentParser:
 def build_command(args: argparse.Namespace) -> int:
     from pipeline.build import BuildConfig, build
     from pipeline.errors import GateFailed
-    from pipeline.targets import resolve_target, with_overrides
+    from pipeline.targets import Compression, resolve_target, with_overrides
     from pipeline.models import train_defaults
 
     target = resolve_target(args.target)
-    target = with_overrides(target, **{"quantize.method": args.calibration_method, "quantize.calibration": args.calibration})
+    target = with_overrides(target, **{
+        "quantize.method": args.calibration_method, "quantize.calibration": args.calibration,
+        "compression.prune_image": args.prune_image, "compression.prune_text": args.prune_text, "compression.prune_fusion": args.prune_fusion,
+        "compression.factorize_energy": args.factorize_energy, "compression.embedding_energy": args.embedding_energy,
+        "compression.recovery_epochs": args.recovery_epochs,
+    })
+    if args.no_compression:
+        target = dataclasses.replace(target, compression=Compression())
     recipe = train_defaults(args.model)
     if args.epochs is not None and args.epochs < 1:
         raise PipelineError(f"--epochs must be at least 1 (got {args.epochs})")
@@ -66,7 +81,7 @@ def build_command(args: argparse.Namespace) -> int:
     config = BuildConfig(
         target=target, out=args.out or Path("out") / target.name, model=args.model, data=args.data, weights=args.weights,
         fusion=args.fusion, train=train, simplifier=args.simplifier,
-        require_engine=args.require_engine,
+        require_engine=args.require_engine, measure_latency=not args.no_latency,
     )
     say = (lambda message: print(message, file=sys.stderr)) if args.json else print
     try:

@@ -33,21 +33,39 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _millions(value: int) -> str:
+    m = value / 1e6
+    return f"{m:.0f}" if m >= 100 else f"{m:.1f}" if m >= 1 else f"{m:.2f}"
+
+
+def _share(value: int | None, reference: int | None) -> str:
+    return "-" if value is None or not reference else f"{100 * value / reference:.0f}%"
+
+
 def summary_table(manifest: dict[str, Any]) -> str:
-    header = ["stage", "acc", "Δpts", "agree", "cos min", "max|Δ|", "SQNR dB", "MB", "time s", "cached"]
+    header = ["stage", "acc", "Δpts", "agree", "cos min", "max|Δ|", "SQNR dB", "params M", "MACs M", "ONNX MB", "b1 ms", "b16 ms", "time s", "cached"]
     rows = []
-    for stage in manifest["stages"]:
+    stages = manifest["stages"]
+    reference = (stages[0].get("footprint") or {}) if stages else {}
+    for stage in stages:
         p = stage["parity"] or {}
         ref = p.get("vs_reference", {})
+        cost = stage.get("footprint") or {}
+        params, macs = (cost.get("params") or {}).get("total"), (cost.get("macs") or {}).get("total")
+        latency = cost.get("latency_ms") or {}
         rows.append([
             stage["name"], _fmt(p.get("accuracy"), ".4f"), _fmt(p.get("delta_pts"), "+.2f"), _fmt(ref.get("agreement"), ".4f"),
             _fmt(ref.get("cosine_min"), ".4f"), _fmt(ref.get("max_abs_error"), ".2e"), _fmt(ref.get("sqnr_db"), ".1f"),
-            _mb(stage.get("size_bytes")), _fmt(stage["wall_s"], ".1f"), "yes" if stage["cached"] else "no",
+            "-" if params is None else f"{_millions(params)} ({_share(params, (reference.get('params') or {}).get('total'))})",
+            "-" if macs is None else f"{_millions(macs)} ({_share(macs, (reference.get('macs') or {}).get('total'))})",
+            _mb(cost.get("onnx_bytes")), _fmt(latency.get("batch1_ms"), ".1f"), _fmt(latency.get("batch16_ms"), ".1f"),
+            _fmt(stage["wall_s"], ".1f"), "yes" if stage["cached"] else "no",
         ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     out = [f"target {manifest['target']['name']}  status {manifest['status']}  wall {manifest['wall_s']:.1f} s  (vs the source model on {manifest['data']['splits'].get('eval', '?')} eval samples)",
            line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    out += branch_lines(stages)
     for stage in manifest["stages"]:
         config = (stage.get("facts") or {}).get("ort_session_config")
         if config:
@@ -60,3 +78,15 @@ def summary_table(manifest: dict[str, Any]) -> str:
     if manifest.get("failure"):
         out.append(f"FAILED: {manifest['failure']}")
     return "\n".join(out)
+
+
+def branch_lines(stages: list[dict[str, Any]]) -> list[str]:
+    """Params and MACs per branch (image/text/fusion) for every stage that changed the model's structure."""
+    lines = []
+    for stage in stages:
+        cost = stage.get("footprint") or {}
+        if stage["name"] not in ("source", "prune", "factorize") or not cost.get("params") or "image" not in cost["params"]:
+            continue
+        parts = ", ".join(f"{b} {_millions(cost['params'][b])} M params / {_millions(cost['macs'].get(b, 0))} M MACs" for b in ("image", "text", "fusion"))
+        lines.append(f"{stage['name']:>9} by branch: {parts}")
+    return lines

@@ -167,6 +167,16 @@ class Store:
         np.save(buffer, array, allow_pickle=False)
         atomic_write_bytes(self.root / "outputs" / f"{key[:32]}.npy", buffer.getvalue())
 
+    def cached_json(self, key: str) -> Any | None:
+        path = self.root / "outputs" / f"{key[:32]}.json"
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (ValueError, OSError):
+            return None
+
+    def save_json(self, key: str, value: Any) -> None:
+        atomic_write_json(self.root / "outputs" / f"{key[:32]}.json", value)
+
 
 def artifact_digest(path: Path) -> str:
     """sha256 of a file, or of a directory's files (names and bytes, in sorted order)."""

@@ -92,12 +92,26 @@ class Builder:
 
 @dataclass(frozen=True)
 class Compression:
-    """Budget for the structural stages; a ratio of 0 skips pruning that branch."""
+    """Budget for the structural stages (prune, factorize); all zeros / None skip them."""
 
-    prune_image: float = 0.0
+    prune_image: float = 0.0  # share of channels removed per unit; 0 leaves the branch alone
     prune_text: float = 0.0
     prune_fusion: float = 0.0
-    factorize_energy: float | None = None  # retained spectral energy; None skips factorization
+    # How far pruning reaches, and recovery trains: the last N EfficientNet blocks / MiniLM layers
+    # (None: the model's own fine-tuned tail). Recovery cost grows with the image reach.
+    image_blocks: int | None = None
+    text_layers: int | None = None
+    importance: Literal["magnitude", "taylor"] = "magnitude"
+    allocate: bool = False  # per-unit ratios from measured sensitivity (same parameter budget per branch)
+    factorize_energy: float | None = None  # Linear / 1x1 conv: retained spectral energy; None skips them
+    embedding_energy: float | None = None  # the token embedding (45% of MiniLM's parameters); None leaves it whole
+    recovery_epochs: int = 4  # distillation budget after each structural stage (stops early once the gate holds)
+
+    def prunes(self) -> bool:
+        return any(r > 0 for r in (self.prune_image, self.prune_text, self.prune_fusion))
+
+    def factorizes(self) -> bool:
+        return self.factorize_energy is not None or self.embedding_energy is not None
 
 
 @dataclass(frozen=True)
@@ -211,8 +225,16 @@ def _check_consistency(target: Target, where: str) -> None:
         ratio = getattr(comp, name)
         if not 0.0 <= ratio < 1.0:
             raise InputError(f"{where}: compression.{name} = {ratio} must be in [0, 1): a ratio of 1 would remove everything")
-    if comp.factorize_energy is not None and not 0.0 < comp.factorize_energy <= 1.0:
-        raise InputError(f"{where}: compression.factorize_energy = {comp.factorize_energy} must be in (0, 1]")
+    for name in ("factorize_energy", "embedding_energy"):
+        energy = getattr(comp, name)
+        if energy is not None and not 0.0 < energy <= 1.0:
+            raise InputError(f"{where}: compression.{name} = {energy} must be in (0, 1]")
+    for name in ("image_blocks", "text_layers"):
+        reach = getattr(comp, name)
+        if reach is not None and reach < 1:
+            raise InputError(f"{where}: compression.{name} = {reach} must be >= 1 (leave it out for the model's own trained tail)")
+    if comp.recovery_epochs < 0:
+        raise InputError(f"{where}: compression.recovery_epochs = {comp.recovery_epochs} must be >= 0")
 
 
 def version_tuple(text: str) -> tuple[int, ...]:

@@ -40,6 +40,7 @@ class TrainReport:
     best_epoch: int
     best_val_accuracy: float
     history: tuple[tuple[float, float], ...]  # (train loss, val accuracy) per epoch
+    initial_val_accuracy: float = 0.0  # before the first epoch
 
 
 def _has_split(model: nn.Module) -> bool:
@@ -141,7 +142,8 @@ def train(
     """Train model in place; return the best checkpoint (by validation accuracy) and a report.
 
     teacher_logits (aligned with train_data) switch the loss to distillation;
-    stop_when(val_accuracy) ends training early once it returns True.
+    stop_when(val_accuracy) ends training early once it returns True (before
+    the first epoch too: a model already good enough is not trained).
     """
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -161,7 +163,9 @@ def train(
 
     best_state = copy.deepcopy(model.state_dict())
     best_acc, best_epoch, history = evaluate_accuracy(model, val_features, settings.batch_size), 0, []
-    bar = tqdm(range(1, settings.epochs + 1), desc=desc, unit="epoch", disable=None)
+    initial_acc = best_acc
+    already_there = stop_when is not None and stop_when(initial_acc)
+    bar = tqdm(range(1, 0 if already_there else settings.epochs + 1), desc=desc, unit="epoch", disable=None)
     for epoch in bar:
         _set_train_mode(model)
         losses = []
@@ -183,4 +187,4 @@ def train(
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    return model, TrainReport(len(history), best_epoch, best_acc, tuple(history))
+    return model, TrainReport(len(history), best_epoch, best_acc, tuple(history), initial_acc)

@@ -44,10 +44,20 @@ def test_gate_reports_stage_metric_threshold_value_and_knob():
     candidate = np.eye(2)[[0, 1, 0, 0]]
     row = parity_row("quantize", candidate, reference, reference, labels)
     violations = check_gate(Gate(max_drop_pts=1.0, min_agreement=0.97, knob="turn this"), row)
-    assert [v.metric for v in violations] == ["accuracy drop vs reference (points)", "top-1 agreement with reference"]
+    assert [v.metric for v in violations] == ["accuracy drop vs reference (points)", "top-1 agreement with the stage's input"]
     message = violations[0].message()
     assert "quantize" in message and "25" in message and "threshold 1" in message and "turn this" in message
     assert check_gate(Gate(max_drop_pts=30.0, min_agreement=0.7), row) == []
+
+
+def test_accuracy_budget_is_end_to_end_and_fidelity_is_vs_the_stage_input():
+    labels = np.array([0, 1, 1, 0])
+    reference = np.eye(2)[[0, 1, 1, 0]]
+    compressed = np.eye(2)[[0, 1, 0, 0]]  # an earlier stage lost one sample
+    row = parity_row("quantize", compressed, reference, previous=compressed, labels=labels)
+    # it reproduces its input exactly, but the accuracy drop since the reference still counts
+    assert [v.metric for v in check_gate(Gate(max_drop_pts=1.0, min_agreement=1.0), row)] == ["accuracy drop vs reference (points)"]
+    assert check_gate(Gate(max_drop_pts=30.0, min_agreement=1.0, max_abs_error=0.0), row) == []
 
 
 def test_shape_mismatch_is_an_error():

@@ -136,20 +136,22 @@ def _group_params(group) -> int:
 def factorize_sensitivity(
     model: nn.Module,
     inputs: Sequence[torch.Tensor],
-    energy: float,
+    layers: Sequence[tuple[str, nn.Module, float]],
     labels: torch.Tensor | None = None,
 ) -> list[Sensitivity]:
-    """Each factorizable layer alone replaced by its rank-r reconstruction at `energy`."""
-    from pipeline.stages.factorize import factorizable_layers, rank_for_energy, weight_matrix
+    """Each (name, layer, energy) alone replaced by its rank-r reconstruction (pipeline.stages.factorize.layers_with_energy)."""
+    from pipeline.stages.factorize import rank_for_energy, weight_matrix
 
     runner = BranchRunner(model, inputs)
     results = []
-    for name, layer in factorizable_layers(model):
+    for name, layer, energy in layers:
         matrix = weight_matrix(layer)
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         rank = rank_for_energy(s, energy)
         original = layer.weight.data.clone()
-        layer.weight.data = ((u[:, :rank] * s[:rank]) @ vh[:rank]).float().reshape(original.shape)
+        approximation = ((u[:, :rank] * s[:rank]) @ vh[:rank]).float()
+        # weight_matrix views an embedding as hidden x vocabulary; its table is vocabulary x hidden.
+        layer.weight.data = (approximation.t() if isinstance(layer, nn.Embedding) else approximation).reshape(original.shape).contiguous()
         try:
             logits = runner.logits(branch_of(name))
         finally:

@@ -23,14 +23,20 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
 
+from pipeline.artifacts import Artifact
 from pipeline.compression.measure import macs_by_branch, params_by_branch
 from pipeline.compression.structure import append_step, is_pointwise_conv, low_rank_pair, replace_module
+from pipeline.data.encode import Encoded, InputSpec
 from pipeline.errors import InputError
+from pipeline.stages.recovery import Recovery
+from pipeline.store import artifact_digest
+from pipeline.targets import Compression
 
 RANK_QUANTUM = 8
 DEFAULT_MIN_SAVING = 0.1  # two kernels instead of one cost latency; a split must buy a real saving
@@ -123,9 +129,26 @@ def _load_factors(pair: nn.Sequential, layer: nn.Module, factors: tuple[torch.Te
             pair[1].bias.copy_(layer.bias)
 
 
+def layers_with_energy(model: nn.Module, energy: float | None, scope: Literal["trainable", "all"] = "all", embeddings: bool = False,
+                       embedding_energy: float | None = None) -> list[tuple[str, nn.Module, float]]:
+    """(name, layer, retained energy) of every layer the stage would try; energy None leaves Linear/1x1 conv alone."""
+    chosen = []
+    for name, layer in factorizable_layers(model, scope, embeddings):
+        layer_energy = embedding_energy if isinstance(layer, nn.Embedding) and embedding_energy is not None else energy
+        if layer_energy is not None:
+            chosen.append((name, layer, layer_energy))
+    return chosen
+
+
+def check_energy(*energies: float | None) -> None:
+    for value in energies:
+        if value is not None and not 0.0 < value <= 1.0:
+            raise InputError(f"compression.factorize_energy = {value}: the retained spectral energy must be in (0, 1]")
+
+
 def factorize(
     model: nn.Module,
-    energy: float,
+    energy: float | None,
     min_saving: float = DEFAULT_MIN_SAVING,
     scope: Literal["trainable", "all"] = "all",
     example_inputs: Sequence[torch.Tensor] | None = None,
@@ -134,19 +157,17 @@ def factorize(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A factorized copy of model and the facts (layers factorized with ranks, layers skipped and why).
 
+    energy: retained spectral energy for Linear / 1x1 conv layers (None: leave them whole).
     scope: 'trainable' only touches what pipeline.training.train fine-tunes.
-    embeddings: also factorize nn.Embedding tables, at embedding_energy (default: energy).
+    embeddings: also factorize the token embedding, at embedding_energy (default: energy).
     example_inputs, when given, adds MACs before/after to the facts.
     """
-    for value in (energy, embedding_energy if embedding_energy is not None else energy):
-        if not 0.0 < value <= 1.0:
-            raise InputError(f"compression.factorize_energy = {value}: the retained spectral energy must be in (0, 1]")
+    check_energy(energy, embedding_energy)
     factorized = copy.deepcopy(model).eval()
     params_before = params_by_branch(factorized)
     macs_before = macs_by_branch(factorized, example_inputs) if example_inputs is not None else None
     plans, skipped = [], []
-    for name, layer in factorizable_layers(factorized, scope, embeddings):
-        layer_energy = embedding_energy if isinstance(layer, nn.Embedding) and embedding_energy is not None else energy
+    for name, layer, layer_energy in layers_with_energy(factorized, energy, scope, embeddings, embedding_energy):
         plan, skip, factors = plan_layer(name, layer, layer_energy, min_saving)
         if plan is None:
             skipped.append(skip)
@@ -167,3 +188,38 @@ def factorize(
     if example_inputs is not None:
         facts["macs_before"], facts["macs_after"] = macs_before, macs_by_branch(factorized, example_inputs)
     return factorized, facts
+
+
+# ---------------------------------------------------------------- the stage: torch artifact -> factorized, recovered torch artifact
+
+
+def factorize_stage(source: Artifact, compression: Compression, spec: InputSpec, recovery: Recovery, probe: Encoded, workdir: Path) -> Artifact:
+    """Factorize a torch artifact (sensitivity of each layer measured on probe), then recover it.
+
+    Recovery reaches what was factorized: the compression's reach, and the
+    whole text encoder (embedding included) when the embedding is factorized.
+    """
+    from pipeline.compression.sensitivity import factorize_sensitivity
+    from pipeline.models.checkpoint import load_torch_artifact, read_description, save_torch_artifact
+    from pipeline.stages.export import example_inputs
+    from pipeline.stages.prune import probe_tensors, set_trainable_split
+    from pipeline.stages.recovery import recover
+
+    model = load_torch_artifact(source.path)
+    embeddings = compression.embedding_energy is not None
+    text_layers = len(model.text_encoder.encoder.layer) if embeddings and hasattr(model, "text_encoder") else compression.text_layers
+    set_trainable_split(model, text_layers=text_layers, image_blocks=compression.image_blocks)
+    inputs, labels = probe_tensors(probe)
+    chosen = layers_with_energy(model, compression.factorize_energy, "trainable", embeddings, compression.embedding_energy)
+    sensitivities = factorize_sensitivity(model, inputs, chosen, labels)
+    factorized, facts = factorize(model, compression.factorize_energy, scope="trainable", example_inputs=example_inputs(spec),
+                                  embeddings=embeddings, embedding_energy=compression.embedding_energy)
+    if not facts["layers_factorized"]:
+        raise InputError(f"compression.factorize_energy = {compression.factorize_energy}, embedding_energy = {compression.embedding_energy}: "
+                         "no layer in reach would get smaller; lower the energy or drop the factorize settings")
+    set_trainable_split(factorized, text_layers=text_layers, image_blocks=compression.image_blocks)
+    recovered, recovery_facts = recover(factorized, recovery, "recover (factorize)")
+    directory = workdir / "torch"
+    save_torch_artifact(directory, recovered, read_description(source.path))
+    facts["sensitivity"] = [asdict(s) for s in sensitivities]
+    return Artifact("torch", directory, artifact_digest(directory), {**facts, "recovery": recovery_facts})

@@ -9,14 +9,16 @@ layer's inputs, the fusion's inputs); the SelfAttention head counts are
 updated so the model still runs and exports. What was removed is recorded on
 the model (pipeline.compression.structure) so the torch artifact rebuilds.
 
-Recovery (distillation) is not done here: the conductor runs
-pipeline.training.train with the reference's logits.
+prune_stage is the stage as the conductor calls it: widen the trainable
+split to the compression's reach, measure each unit's sensitivity, prune,
+then recover by distillation (pipeline.stages.recovery).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -25,8 +27,12 @@ from torch import nn
 
 from pipeline.compression.measure import macs_by_branch, params_by_branch
 from pipeline.compression.structure import append_step, dependency_graph, json_history, set_num_heads, sync_feature_widths
+from pipeline.artifacts import Artifact
 from pipeline.compression.units import Unit, kept_channels, prunable_units
+from pipeline.data.encode import Encoded, InputSpec
 from pipeline.errors import InputError
+from pipeline.stages.recovery import Recovery
+from pipeline.store import artifact_digest
 from pipeline.targets import Compression
 
 IMPORTANCES = ("magnitude", "taylor")
@@ -223,3 +229,40 @@ def prune(
         "recovery_split": recovery_split(model, [r.unit for r in results]),
     }
     return pruned, facts
+
+
+# ---------------------------------------------------------------- the stage: torch artifact -> pruned, recovered torch artifact
+
+
+def widen_reach(model: nn.Module, compression: Compression) -> None:
+    """Make the trainable split the compression's reach: what is pruned is what recovery trains."""
+    set_trainable_split(model, text_layers=compression.text_layers, image_blocks=compression.image_blocks)
+
+
+def probe_tensors(probe: Encoded) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    return tuple(torch.from_numpy(probe.inputs[k]) for k in ("image", "input_ids", "attention_mask")), torch.from_numpy(probe.labels)
+
+
+def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, recovery: Recovery, probe: Encoded, workdir: Path) -> Artifact:
+    """Prune a torch artifact per branch (sensitivity measured on probe, ratios allocated when asked), then recover it."""
+    from pipeline.compression.sensitivity import allocate_ratios, prune_sensitivity
+    from pipeline.models.checkpoint import load_torch_artifact, read_description, save_torch_artifact
+    from pipeline.stages.export import example_inputs
+    from pipeline.stages.recovery import recover
+
+    model = load_torch_artifact(source.path)
+    widen_reach(model, compression)
+    ratios = {branch: r for branch, r in branch_ratios(compression).items() if r > 0}
+    units = [u for u in units_in_scope(model, "trainable") if u.branch in ratios]
+    check_ratios(ratios, units)
+    inputs, labels = probe_tensors(probe)
+    sensitivities = prune_sensitivity(model, units, inputs, labels)
+    unit_ratios = allocate_ratios(sensitivities, ratios) if compression.allocate else None
+    pruned, facts = prune(model, compression, example_inputs(spec), compression.importance, "trainable", unit_ratios,
+                          importance_batch=(inputs, labels))
+    widen_reach(pruned, compression)
+    recovered, recovery_facts = recover(pruned, recovery, "recover (prune)")
+    directory = workdir / "torch"
+    save_torch_artifact(directory, recovered, read_description(source.path))
+    facts["sensitivity"] = [asdict(s) for s in sensitivities]
+    return Artifact("torch", directory, artifact_digest(directory), {**facts, "recovery": recovery_facts})
