@@ -32,7 +32,7 @@ from pipeline.footprint import Footprint, onnx_footprint, torch_footprint
 from pipeline.parity import Gate, ParityRow, check_gate, parity_row
 from pipeline.runners import OrtRunner, Runner, TorchRunner, run_batches
 from pipeline.store import Store, artifact_digest, atomic_write_json, cache_key, canonical_json, sha256_bytes, sha256_file
-from pipeline.targets import Target
+from pipeline.targets import Compression, Target
 from pipeline.training import TrainSettings
 
 MANIFEST_SCHEMA = 1
@@ -357,6 +357,18 @@ def engine_stage(c: Conductor, int8: Artifact, lint_json: dict, status: str) -> 
     return {"status": "built", "reason": status, "plan": str(artifact.path.relative_to(c.store.root))}
 
 
+def compression_plan(compression: Compression, reference: Artifact) -> dict[str, Any]:
+    """Which structural stages run; a model the stages cannot read is left whole, and the manifest says why."""
+    from pipeline.compression.units import unsupported_reason
+    from pipeline.models.checkpoint import read_description
+
+    wanted = {"prune": compression.prunes(), "factorize": compression.factorizes()}
+    reason = unsupported_reason(read_description(reference.path)) if any(wanted.values()) else None
+    if reason:
+        return {"prune": False, "factorize": False, "skipped": reason}
+    return {**wanted, "skipped": None}
+
+
 # ------------------------------------------------------------------ the pipeline
 
 
@@ -376,13 +388,15 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
         spec = model_input_spec(config.model, dataset, config.fusion, config.weights)
         conductor = Conductor(config, store, versions, Splits(dataset, spec), progress)
         engine: dict[str, Any] = {"status": "not-run"}
+        compression: dict[str, Any] = {"prune": False, "factorize": False, "skipped": None}
         failure = None
         try:
             reference = source_stage(conductor, dataset)
             model = reference
-            if config.target.compression.prunes():
+            compression = compression_plan(config.target.compression, reference)
+            if compression["prune"]:
                 model = prune_stage(conductor, model, reference, spec)
-            if config.target.compression.factorizes():
+            if compression["factorize"]:
                 model = factorize_stage(conductor, model, reference, spec)
             fp32 = export_stage(conductor, model, spec)
             int8 = quantize_stage(conductor, fp32, model, calibration)
@@ -391,13 +405,13 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
             failure = str(error)
             raise
         finally:
-            manifest = make_manifest(config, versions, dataset, calibration, conductor, engine, failure, time.perf_counter() - started)
+            manifest = make_manifest(config, versions, dataset, calibration, conductor, engine, compression, failure, time.perf_counter() - started)
             atomic_write_json(store.root / "manifest.json", manifest)
     return manifest
 
 
 def make_manifest(config: BuildConfig, versions: dict, dataset: Dataset, calibration: CalibrationSet, c: Conductor,
-                  engine: dict, failure: str | None, wall_s: float) -> dict[str, Any]:
+                  engine: dict, compression: dict, failure: str | None, wall_s: float) -> dict[str, Any]:
     root = c.store.root
     return {
         "schema": MANIFEST_SCHEMA,
@@ -415,6 +429,7 @@ def make_manifest(config: BuildConfig, versions: dict, dataset: Dataset, calibra
             "splits": {name: len(samples) for name, samples in dataset.splits.items()},
             "calibration": {"name": calibration.name, "sha256": calibration.sha256, "size": len(calibration.ids), "frozen": calibration.frozen},
         },
+        "compression": compression,
         "stages": [result.to_json(root) for result in c.results],
         "engine": engine,
         "wall_s": round(wall_s, 2),

@@ -71,6 +71,9 @@ def summary_table(manifest: dict[str, Any]) -> str:
         if config:
             out.append(f"{stage['name']}: measured with ONNX Runtime session config {config} "
                        "(Q/DQ computed in float, as TensorRT's fused INT8 kernels do, not with this CPU's saturating int8 kernels)")
+    skipped = (manifest.get("compression") or {}).get("skipped")
+    if skipped:
+        out.append(f"compression: skipped ({skipped})")
     engine = manifest.get("engine", {})
     out.append(f"engine: {engine.get('status')}" + (f" ({engine.get('reason')})" if engine.get("reason") else ""))
     if engine.get("bundle"):
