@@ -162,7 +162,7 @@ class Conductor:
         self.store.save_json(key, found.to_json())
         return found
 
-    def recovery(self, reference: Artifact, gate: Gate, epochs: int) -> "Recovery":
+    def recovery(self, reference: Artifact, gate: Gate, epochs: int, lr: float) -> "Recovery":
         """Distillation from the reference: its train-split logits as teacher, stop once calib accuracy is safely inside the gate."""
         from pipeline.stages.recovery import Recovery
 
@@ -173,7 +173,7 @@ class Conductor:
         # Half the gate's budget on calib: the eval gate is then checked on unseen samples, with room for quantization.
         margin = (gate.max_drop_pts if gate.max_drop_pts is not None else 1.0) / 2 / 100
         return Recovery(self.splits.get("train"), calib, teacher, reference_accuracy - margin,
-                        dataclasses.replace(self.config.train, epochs=epochs))
+                        dataclasses.replace(self.config.train, epochs=epochs, encoder_lr=lr))
 
     def probe(self) -> Encoded:
         """The samples sensitivity is measured on: the first of the calib split (never eval)."""
@@ -223,16 +223,22 @@ def _load_torch(artifact: Artifact):
     return load_torch_artifact(artifact.path)
 
 
+def compression_settings(c: Conductor, reference: Artifact, gate: Gate) -> dict[str, Any]:
+    """What both structural stages' outputs depend on besides their own settings: reach, recovery, data, teacher."""
+    compression = c.config.target.compression
+    return {"reach": {"image_blocks": compression.image_blocks, "text_layers": compression.text_layers},
+            "recovery": {"epochs": compression.recovery_epochs, "lr": compression.recovery_lr, "train": dataclasses.asdict(c.config.train),
+                         "gate": dataclasses.asdict(gate)},
+            "data": {split: c.splits.fingerprint(split) for split in ("train", "calib")}, "reference": reference.sha256}
+
+
 def prune_stage(c: Conductor, model: Artifact, reference: Artifact, spec: InputSpec) -> Artifact:
     from pipeline.stages import prune as p
 
     compression, gate = c.config.target.compression, c.config.target.gates.prune
-    recovery = functools.cache(lambda: c.recovery(reference, gate, compression.recovery_epochs))
-    settings = {**p.prune_settings(compression, compression.importance, "trainable"),
-                "reach": {"image_blocks": compression.image_blocks, "text_layers": compression.text_layers},
-                "allocate": compression.allocate, "recovery": {"epochs": compression.recovery_epochs, "train": dataclasses.asdict(c.config.train),
-                                                                "gate": dataclasses.asdict(gate)},
-                "data": {split: c.splits.fingerprint(split) for split in ("train", "calib")}, "reference": reference.sha256}
+    settings = {**p.prune_settings(compression, compression.importance, "trainable"), "allocate": compression.allocate,
+                **compression_settings(c, reference, gate)}
+    recovery = lambda: c.recovery(reference, gate, compression.recovery_epochs, compression.recovery_lr)
     artifact, cached, wall = c.run_stage("prune", settings, model.sha256,
                                          lambda wd: p.prune_stage(model, compression, spec, recovery(), c.probe(), wd))
     logits = c.outputs(artifact, lambda: TorchRunner(_load_torch(artifact)))
@@ -244,12 +250,10 @@ def factorize_stage(c: Conductor, model: Artifact, reference: Artifact, spec: In
     from pipeline.stages import factorize as f
 
     compression, gate = c.config.target.compression, c.config.target.gates.factorize
-    recovery = functools.cache(lambda: c.recovery(reference, gate, compression.recovery_epochs))
     settings = {**f.factorize_settings(compression.factorize_energy, scope="trainable", embeddings=compression.embedding_energy is not None,
                                        embedding_energy=compression.embedding_energy),
-                "reach": {"image_blocks": compression.image_blocks, "text_layers": compression.text_layers},
-                "recovery": {"epochs": compression.recovery_epochs, "train": dataclasses.asdict(c.config.train), "gate": dataclasses.asdict(gate)},
-                "data": {split: c.splits.fingerprint(split) for split in ("train", "calib")}, "reference": reference.sha256}
+                **compression_settings(c, reference, gate)}
+    recovery = lambda: c.recovery(reference, gate, compression.recovery_epochs, compression.recovery_lr)
     artifact, cached, wall = c.run_stage("factorize", settings, model.sha256,
                                          lambda wd: f.factorize_stage(model, compression, spec, recovery(), c.probe(), wd))
     logits = c.outputs(artifact, lambda: TorchRunner(_load_torch(artifact)))

@@ -11,7 +11,9 @@ the model (pipeline.compression.structure) so the torch artifact rebuilds.
 
 prune_stage is the stage as the conductor calls it: widen the trainable
 split to the compression's reach, measure each unit's sensitivity, prune,
-then recover by distillation (pipeline.stages.recovery).
+re-estimate the BatchNorm statistics pruning made stale
+(pipeline.compression.recalibrate), then recover by distillation
+(pipeline.stages.recovery).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pipeline.store import artifact_digest
 from pipeline.targets import Compression
 
 IMPORTANCES = ("magnitude", "taylor")
+RECALIBRATION_SAMPLES = 512  # train samples the stale BatchNorm statistics are re-estimated on
 Reach = Literal["trainable", "all"]
 # One reach for every branch, or one per branch, e.g. {"text": "all", "image": "trainable"}
 # (MiniLM layers are cheap to retrain at 16 tokens; EfficientNet's early blocks are not).
@@ -239,12 +242,19 @@ def widen_reach(model: nn.Module, compression: Compression) -> None:
     set_trainable_split(model, text_layers=compression.text_layers, image_blocks=compression.image_blocks)
 
 
+def model_batches(data: Encoded, limit: int, size: int = 64) -> list[tuple[torch.Tensor, ...]]:
+    """The first `limit` samples as batches of model inputs."""
+    head = data.subset(range(min(limit, len(data))))
+    return [tuple(torch.from_numpy(b[k]) for k in ("image", "input_ids", "attention_mask")) for b in head.batches(size)]
+
+
 def probe_tensors(probe: Encoded) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     return tuple(torch.from_numpy(probe.inputs[k]) for k in ("image", "input_ids", "attention_mask")), torch.from_numpy(probe.labels)
 
 
 def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, recovery: Recovery, probe: Encoded, workdir: Path) -> Artifact:
     """Prune a torch artifact per branch (sensitivity measured on probe, ratios allocated when asked), then recover it."""
+    from pipeline.compression.recalibrate import recalibrate_batchnorms
     from pipeline.compression.sensitivity import allocate_ratios, prune_sensitivity
     from pipeline.models.checkpoint import load_torch_artifact, read_description, save_torch_artifact
     from pipeline.stages.export import example_inputs
@@ -260,6 +270,7 @@ def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, rec
     unit_ratios = allocate_ratios(sensitivities, ratios) if compression.allocate else None
     pruned, facts = prune(model, compression, example_inputs(spec), compression.importance, "trainable", unit_ratios,
                           importance_batch=(inputs, labels))
+    facts["recalibrated_batchnorms"] = recalibrate_batchnorms(model, pruned, model_batches(recovery.train, RECALIBRATION_SAMPLES))
     widen_reach(pruned, compression)
     recovered, recovery_facts = recover(pruned, recovery, "recover (prune)")
     directory = workdir / "torch"
