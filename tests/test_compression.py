@@ -215,3 +215,62 @@ def test_efficientnet_pointwise_convs_are_factorizable_and_depthwise_are_not():
     names = {name for name, _ in factorizable_layers(EfficientNetLiteEncoder(pretrained=False, trainable_blocks=1))}
     assert "blocks.3._expand_conv" in names and "blocks.3._project_conv" in names and "head.0" in names
     assert not any("depthwise" in name for name in names) and "stem.0" not in names
+
+
+def test_simulated_embedding_factorization_equals_real_factorization():
+    from pipeline.compression.sensitivity import factorize_sensitivity
+    from pipeline.stages.factorize import layers_with_energy
+
+    config, model = tiny()
+    inputs = example_inputs(config.input_spec(), batch=4)
+    chosen = layers_with_energy(model, None, embeddings=True, embedding_energy=0.6)
+    assert [name for name, _, _ in chosen] == ["text_encoder.embeddings.word_embeddings"]
+    reference = logits(model, inputs)
+    (result,) = factorize_sensitivity(model, inputs, chosen)
+    factorized, _ = factorize(model, None, embeddings=True, embedding_energy=0.6, min_saving=0.0)
+    real = logits(factorized, inputs)
+    assert result.nmse == pytest.approx(float(((real - reference) ** 2).sum() / (reference ** 2).sum()), rel=1e-3)
+    torch.testing.assert_close(logits(model, inputs), reference)  # the probe put the weight back
+
+
+# --- BatchNorm recalibration ---------------------------------------------------
+
+
+def test_recalibration_re_estimates_only_the_batchnorm_whose_conv_lost_inputs():
+    from torch import nn
+
+    from pipeline.compression.recalibrate import recalibrate_batchnorms, stale_batchnorms
+
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16)).eval()
+    pruned = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 16, 1, bias=False), nn.BatchNorm2d(16)).eval()
+    with torch.no_grad():  # keep the first 4 channels, as a prune of the first conv's outputs would
+        pruned[0].weight.copy_(original[0].weight[:4])
+        pruned[2].weight.copy_(original[2].weight[:, :4])
+    first_bn = pruned[1].running_mean.clone()
+    assert stale_batchnorms(original, pruned) == ["3"]
+    batches = [(torch.randn(8, 3, 6, 6),) for _ in range(3)]
+    assert recalibrate_batchnorms(original, pruned, batches) == ["3"]
+    with torch.no_grad():
+        features = torch.cat([pruned[2](pruned[1](pruned[0](b[0]))) for b in batches])
+    torch.testing.assert_close(pruned[3].running_mean, features.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pruned[1].running_mean, first_bn)  # untouched: its inputs did not change
+    assert not pruned.training and pruned[3].momentum == 0.1
+
+
+def test_recovery_does_not_train_a_model_already_inside_the_gate():
+    from pipeline.stages.recovery import Recovery, recover
+    from pipeline.training import TrainSettings
+
+    config, model = tiny("concat")
+    spec = config.input_spec()
+    images = np.random.default_rng(0).random((16, 3, spec.image_size, spec.image_size), dtype=np.float32)
+    data = Encoded(ids=tuple(str(i) for i in range(16)), inputs={"image": images, "input_ids": np.ones((16, spec.max_tokens), np.int64),
+                                                                  "attention_mask": np.ones((16, spec.max_tokens), np.int64)},
+                   labels=np.arange(16) % 9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, facts = recover(model, Recovery(data, data, np.zeros((16, 9), np.float32), target_accuracy=0.0, settings=TrainSettings(epochs=3)), "t")
+    assert facts["epochs_run"] == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    _, facts = recover(model, Recovery(data, data, np.zeros((16, 9), np.float32), target_accuracy=1.01, settings=TrainSettings(epochs=2)), "t")
+    assert facts["epochs_run"] == 2

@@ -143,6 +143,28 @@ def test_file_name_must_match_target_name(tmp_path):
         available_targets(tmp_path)
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("prune_text = 1.0", r"compression\.prune_text = 1\.0 must be in \[0, 1\)"),
+    ("embedding_energy = 0.0", r"compression\.embedding_energy = 0\.0 must be in \(0, 1\]"),
+    ("image_blocks = 0", r"compression\.image_blocks = 0 must be >= 1"),
+    ("recovery_lr = 0.0", r"compression\.recovery_lr = 0\.0 must be > 0"),
+    ('importance = "random"', r"compression\.importance"),
+])
+def test_bad_compression_settings_name_file_and_key(tmp_path, setting, message):
+    path = write_target(tmp_path, extra=f"[compression]\n{setting}")
+    with pytest.raises(InputError, match=r"t\.toml.*" + message):
+        load_target_file(path)
+
+
+def test_the_jetson_budget_prunes_and_factorizes_and_the_cli_can_turn_it_off():
+    compression = resolve_target("jetson").compression
+    assert compression.prunes() and compression.factorizes()
+    assert not with_overrides(resolve_target("jetson"), **{"compression.prune_text": 0.0, "compression.prune_image": 0.0,
+                                                          "compression.prune_fusion": 0.0}).compression.prunes()
+    with pytest.raises(InputError, match="prune_image"):
+        with_overrides(resolve_target("jetson"), **{"compression.prune_image": 1.5})
+
+
 def test_overrides_are_validated_too():
     with pytest.raises(InputError, match="use_dla"):
         with_overrides(resolve_target("jetson"), **{"builder.use_dla": True})
