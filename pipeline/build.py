@@ -237,6 +237,7 @@ def prune_stage(c: Conductor, model: Artifact, reference: Artifact, spec: InputS
 
     compression, gate = c.config.target.compression, c.config.target.gates.prune
     settings = {**p.prune_settings(compression, compression.importance, "trainable"), "allocate": compression.allocate,
+                "budget_macs": compression.budget_macs,
                 **compression_settings(c, reference, gate)}
     recovery = lambda: c.recovery(reference, gate, compression.recovery_epochs, compression.recovery_lr)
     artifact, cached, wall = c.run_stage("prune", settings, model.sha256,

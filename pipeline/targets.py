@@ -103,6 +103,8 @@ class Compression:
     text_layers: int | None = None
     importance: Literal["magnitude", "taylor"] = "magnitude"
     allocate: bool = False  # per-unit ratios from measured sensitivity (same parameter budget per branch)
+    # Global budget: prune to at most this fraction of the MACs (the branch ratios are scaled together to fit).
+    budget_macs: float | None = None
     factorize_energy: float | None = None  # Linear / 1x1 conv: retained spectral energy; None skips them
     embedding_energy: float | None = None  # the token embedding (45% of MiniLM's parameters); None leaves it whole
     recovery_epochs: int = 4  # distillation budget after each structural stage (stops early once the gate holds)
@@ -236,6 +238,8 @@ def _check_consistency(target: Target, where: str) -> None:
         reach = getattr(comp, name)
         if reach is not None and reach < 1:
             raise InputError(f"{where}: compression.{name} = {reach} must be >= 1 (leave it out for the model's own trained tail)")
+    if comp.budget_macs is not None and not 0.0 < comp.budget_macs < 1.0:
+        raise InputError(f"{where}: compression.budget_macs = {comp.budget_macs} must be in (0, 1): a fraction of the reference's MACs")
     if not comp.recovery_lr > 0:
         raise InputError(f"{where}: compression.recovery_lr = {comp.recovery_lr} must be > 0")
     if comp.recovery_epochs < 0:

@@ -274,3 +274,22 @@ def test_recovery_does_not_train_a_model_already_inside_the_gate():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     _, facts = recover(model, Recovery(data, data, np.zeros((16, 9), np.float32), target_accuracy=1.01, settings=TrainSettings(epochs=2)), "t")
     assert facts["epochs_run"] == 2
+
+
+def test_a_macs_budget_scales_the_branch_ratios_until_it_fits():
+    import dataclasses
+
+    from pipeline.compression.measure import count_macs
+    from pipeline.stages.prune import fit_macs_budget
+
+    config, model = tiny()
+    inputs = example_inputs(config.input_spec())
+    reference = count_macs(model, inputs)
+    wanted = dataclasses.replace(HALF, budget_macs=0.6)
+    fitted, facts = fit_macs_budget(model, wanted, inputs, allocate=lambda c: None)
+    pruned, _ = prune(model, fitted, inputs)
+    assert count_macs(pruned, inputs) <= 0.6 * reference
+    assert facts["macs_after"] <= 0.6 and facts["factor"] > 0
+    assert fitted.prune_text / fitted.prune_image == pytest.approx(1.0)  # scaled together: the split between branches holds
+    with pytest.raises(InputError, match="budget_macs = 0.01"):
+        fit_macs_budget(model, dataclasses.replace(HALF, budget_macs=0.01), inputs, allocate=lambda c: None)

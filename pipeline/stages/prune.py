@@ -19,9 +19,10 @@ re-estimate the BatchNorm statistics pruning made stale
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from pipeline.store import artifact_digest
 from pipeline.targets import Compression
 
 IMPORTANCES = ("magnitude", "taylor")
+MAX_BUDGET_RATIO = 0.9  # a MACs budget never prunes a unit by more than this
 RECALIBRATION_SAMPLES = 512  # train samples the stale BatchNorm statistics are re-estimated on
 Reach = Literal["trainable", "all"]
 # One reach for every branch, or one per branch, e.g. {"text": "all", "image": "trainable"}
@@ -252,6 +254,41 @@ def probe_tensors(probe: Encoded) -> tuple[tuple[torch.Tensor, ...], torch.Tenso
     return tuple(torch.from_numpy(probe.inputs[k]) for k in ("image", "input_ids", "attention_mask")), torch.from_numpy(probe.labels)
 
 
+def scaled(compression: Compression, factor: float) -> Compression:
+    return dataclasses.replace(compression, prune_image=compression.prune_image * factor, prune_text=compression.prune_text * factor,
+                               prune_fusion=compression.prune_fusion * factor)
+
+
+def fit_macs_budget(model: nn.Module, compression: Compression, example_inputs: tuple,
+                    allocate: Callable[[Compression], Mapping[str, float] | None], steps: int = 8) -> tuple[Compression, dict[str, Any]]:
+    """Scale every branch ratio by one factor: the smallest whose pruned model has at most budget_macs of model's MACs.
+
+    The target's branch ratios say how the budget is split between branches
+    (and allocate() how within a branch); the factor is found by bisection,
+    pruning a copy at each step (shapes only, no recovery).
+    """
+    from pipeline.compression.measure import count_macs
+
+    budget, reference = compression.budget_macs, count_macs(model, example_inputs)
+    highest = max(branch_ratios(compression).values())
+    if highest <= 0:
+        raise InputError(f"compression.budget_macs = {budget} needs at least one prune ratio > 0 to say which branches may shrink")
+    macs_at = lambda factor: count_macs(prune(model, scaled(compression, factor), example_inputs, "magnitude", "trainable",
+                                              allocate(scaled(compression, factor)))[0], example_inputs) / reference
+    low, high = 0.0, MAX_BUDGET_RATIO / highest
+    if macs_at(high) > budget:
+        raise InputError(f"compression.budget_macs = {budget}: even ratios of up to {MAX_BUDGET_RATIO} leave {macs_at(high):.2f} of the MACs; "
+                         "widen the reach (compression.image_blocks / text_layers) or raise the budget")
+    if macs_at(1.0) <= budget:  # the target's ratios already fit: keep them
+        high = 1.0
+    else:
+        for _ in range(steps):
+            middle = (low + high) / 2
+            low, high = (low, middle) if macs_at(middle) <= budget else (middle, high)
+    fitted = scaled(compression, high)
+    return fitted, {"macs_fraction": budget, "factor": round(high, 4), "ratios": branch_ratios(fitted), "macs_after": round(macs_at(high), 4)}
+
+
 def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, recovery: Recovery, probe: Encoded, workdir: Path) -> Artifact:
     """Prune a torch artifact per branch (sensitivity measured on probe, ratios allocated when asked), then recover it."""
     from pipeline.compression.recalibrate import recalibrate_batchnorms
@@ -267,9 +304,13 @@ def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, rec
     check_ratios(ratios, units)
     inputs, labels = probe_tensors(probe)
     sensitivities = prune_sensitivity(model, units, inputs, labels)
-    unit_ratios = allocate_ratios(sensitivities, ratios) if compression.allocate else None
-    pruned, facts = prune(model, compression, example_inputs(spec), compression.importance, "trainable", unit_ratios,
+    allocate = (lambda c: allocate_ratios(sensitivities, branch_ratios(c))) if compression.allocate else (lambda c: None)
+    budget = None
+    if compression.budget_macs is not None:
+        compression, budget = fit_macs_budget(model, compression, example_inputs(spec), allocate)
+    pruned, facts = prune(model, compression, example_inputs(spec), compression.importance, "trainable", allocate(compression),
                           importance_batch=(inputs, labels))
+    facts["budget"] = budget
     facts["recalibrated_batchnorms"] = recalibrate_batchnorms(model, pruned, model_batches(recovery.train, RECALIBRATION_SAMPLES))
     widen_reach(pruned, compression)
     recovered, recovery_facts = recover(pruned, recovery, "recover (prune)")
