@@ -3,9 +3,11 @@
     python benchmarks/build_time.py --target jetson --runs 1 --out /tmp/bench-build
 
 Runs `python -m pipeline build` in a fresh output directory (cold: trains,
-exports, quantizes, bundles), then again `--runs` times on the same directory
+prunes, factorizes, exports, quantizes, bundles), then again `--runs` times on the same directory
 (everything served from the stage cache), and prints a markdown table with the
-per-stage times of the cold run and the median cached time.
+per-stage times of the cold run, each stage's accuracy and cost (params, MACs,
+ONNX size, ONNX Runtime CPU latency, as the build measured them side by side)
+and the median cached time.
 """
 
 from __future__ import annotations
@@ -42,12 +44,18 @@ def main() -> int:
     cold_wall, cold = run_build(args.target, args.out, args.extra)
     cached = [run_build(args.target, args.out, args.extra)[0] for _ in range(args.runs)]
     print(f"machine: {os.cpu_count()} CPU cores; command: python benchmarks/build_time.py --target {args.target} --runs {args.runs}\n")
-    print("| stage | cold: stage time (s) | accuracy | Δ pts vs source | agreement |")
-    print("|---|---|---|---|---|")
+    print("| stage | cold: stage time (s) | accuracy | Δ pts vs source | agreement | params (M) | MACs (M) | ONNX MB | ORT b1 ms | ORT b16 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    source = cold["stages"][0].get("footprint") or {}
     for stage in cold["stages"]:
         p = stage["parity"] or {}
+        cost = stage.get("footprint") or {}
+        params, macs = (cost.get("params") or {}).get("total"), (cost.get("macs") or {}).get("total")
+        share = lambda value, key: "-" if value is None else f"{value / 1e6:.2f} ({100 * value / source[key]['total']:.0f}%)"
+        latency = cost.get("latency_ms") or {}
         print(f"| {stage['name']} | {stage['wall_s']:.1f} | {p.get('accuracy', 0):.4f} | {p.get('delta_pts', 0):+.2f} | "
-              f"{p.get('vs_reference', {}).get('agreement', 0):.4f} |")
+              f"{p.get('vs_reference', {}).get('agreement', 0):.4f} | {share(params, 'params')} | {share(macs, 'macs')} | "
+              f"{(cost.get('onnx_bytes') or 0) / 1e6:.1f} | {latency.get('batch1_ms', float('nan')):.2f} | {latency.get('batch16_ms', float('nan')):.1f} |")
     print(f"\ncold build, whole command: {cold_wall:.1f} s; cached rebuild, median of {args.runs}: {statistics.median(cached):.1f} s "
           f"(ratio {cold_wall / statistics.median(cached):.0f}x)")
     return 0

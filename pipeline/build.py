@@ -228,7 +228,7 @@ def compression_settings(c: Conductor, reference: Artifact, gate: Gate) -> dict[
     compression = c.config.target.compression
     return {"reach": {"image_blocks": compression.image_blocks, "text_layers": compression.text_layers},
             "recovery": {"epochs": compression.recovery_epochs, "lr": compression.recovery_lr, "train": dataclasses.asdict(c.config.train),
-                         "gate": dataclasses.asdict(gate)},
+                         "max_drop_pts": gate.max_drop_pts},  # what recovery's early stop reads of the gate
             "data": {split: c.splits.fingerprint(split) for split in ("train", "calib")}, "reference": reference.sha256}
 
 
@@ -253,7 +253,7 @@ def factorize_stage(c: Conductor, model: Artifact, reference: Artifact, spec: In
     compression, gate = c.config.target.compression, c.config.target.gates.factorize
     settings = {**f.factorize_settings(compression.factorize_energy, scope="trainable", embeddings=compression.embedding_energy is not None,
                                        embedding_energy=compression.embedding_energy),
-                **compression_settings(c, reference, gate)}
+                "embedding_weights": "token frequency in the train split", **compression_settings(c, reference, gate)}
     recovery = lambda: c.recovery(reference, gate, compression.recovery_epochs, compression.recovery_lr)
     artifact, cached, wall = c.run_stage("factorize", settings, model.sha256,
                                          lambda wd: f.factorize_stage(model, compression, spec, recovery(), c.probe(), wd))

@@ -26,9 +26,10 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
         "wall_s": manifest["wall_s"],
         "stages": [
             {"name": s["name"], "path": s["artifact"]["path"], "sha256": s["artifact"]["sha256"], "size_bytes": s["size_bytes"],
-             "cached": s["cached"], "wall_s": s["wall_s"], "parity": s["parity"]}
+             "cached": s["cached"], "wall_s": s["wall_s"], "parity": s["parity"], "footprint": s.get("footprint")}
             for s in manifest["stages"]
         ],
+        "compression": manifest.get("compression"),
         "engine": manifest["engine"],
     }
 

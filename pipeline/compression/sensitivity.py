@@ -138,19 +138,18 @@ def factorize_sensitivity(
     inputs: Sequence[torch.Tensor],
     layers: Sequence[tuple[str, nn.Module, float]],
     labels: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> list[Sensitivity]:
-    """Each (name, layer, energy) alone replaced by its rank-r reconstruction (pipeline.stages.factorize.layers_with_energy)."""
-    from pipeline.stages.factorize import rank_for_energy, weight_matrix
+    """Each (name, layer, energy) alone replaced by the low-rank product the factorize stage would build."""
+    from pipeline.stages.factorize import low_rank_factors
 
     runner = BranchRunner(model, inputs)
     results = []
     for name, layer, energy in layers:
-        matrix = weight_matrix(layer)
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        rank = rank_for_energy(s, energy)
+        _, _, first, second = low_rank_factors(layer, energy, token_weights if isinstance(layer, nn.Embedding) else None)
         original = layer.weight.data.clone()
-        approximation = ((u[:, :rank] * s[:rank]) @ vh[:rank]).float()
-        # weight_matrix views an embedding as hidden x vocabulary; its table is vocabulary x hidden.
+        approximation = second @ first  # out x in
+        # an embedding's weight is vocabulary x hidden, the transpose of its out x in view
         layer.weight.data = (approximation.t() if isinstance(layer, nn.Embedding) else approximation).reshape(original.shape).contiguous()
         try:
             logits = runner.logits(branch_of(name))

@@ -101,21 +101,46 @@ def trainable_names(model: nn.Module) -> list[str] | None:
     return suffix + [name for name, _ in model.named_children() if name not in ("image_encoder", "text_encoder")]
 
 
-def plan_layer(name: str, layer: nn.Module, energy: float, min_saving: float) -> tuple[LayerPlan | None, Skipped | None, tuple | None]:
-    """SVD one layer; return its plan (and the factors) or why it stays whole."""
+def low_rank_factors(layer: nn.Module, energy: float, token_weights: torch.Tensor | None = None) -> tuple[int, float, torch.Tensor, torch.Tensor]:
+    """(rank, energy kept, first, second): the layer's weight (out x in) ~= second @ first, first rank x in, second out x rank.
+
+    token_weights (an embedding only): how much each vocabulary row matters
+    (its frequency in the training text). The rank-r subspace is then the one
+    that keeps `energy` of the *weighted* table, and every row is projected
+    onto it: the rows of tokens the task uses stay nearly exact, where the
+    plain SVD would spend its rank on the 30k tokens the task never sees.
+    """
+    if isinstance(layer, nn.Embedding) and token_weights is not None:
+        table = layer.weight.detach().double()  # vocab x hidden
+        _, s, vh = torch.linalg.svd(token_weights.double().sqrt()[:, None] * table, full_matrices=False)
+        rank = rank_for_energy(s, energy)
+        basis = vh[:rank]  # rank x hidden, orthonormal rows
+        return rank, float((s[:rank] ** 2).sum() / (s ** 2).sum()), (table @ basis.T).T.float(), basis.T.float()
     weight = weight_matrix(layer)
-    out_features, in_features = weight.shape
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
     rank = rank_for_energy(s, energy)
+    root = s[:rank].sqrt()
+    return rank, float((s[:rank] ** 2).sum() / (s ** 2).sum()), (root[:, None] * vh[:rank]).float(), (u[:, :rank] * root[None, :]).float()
+
+
+def plan_layer(name: str, layer: nn.Module, energy: float, min_saving: float,
+               token_weights: torch.Tensor | None = None) -> tuple[LayerPlan | None, Skipped | None, tuple | None]:
+    """Factor one layer; return its plan (and the factors) or why it stays whole."""
+    out_features, in_features = weight_matrix(layer).shape
+    rank, kept, first, second = low_rank_factors(layer, energy, token_weights)
     bias = 0 if getattr(layer, "bias", None) is None else out_features
     before, after = out_features * in_features + bias, rank * (in_features + out_features) + bias
     if after > before * (1.0 - min_saving):
         break_even = out_features * in_features * (1.0 - min_saving) / (in_features + out_features)
         return None, Skipped(name, f"rank {rank} for {energy:.3f} energy saves too little (needs rank <= {int(break_even)})"), None
-    kept = float((s[:rank] ** 2).sum() / (s ** 2).sum())
-    root = s[:rank].sqrt()
-    factors = ((root[:, None] * vh[:rank]).float(), (u[:, :rank] * root[None, :]).float())
-    return LayerPlan(name, (out_features, in_features), rank, kept, before, after), None, factors
+    return LayerPlan(name, (out_features, in_features), rank, kept, before, after), None, (first, second)
+
+
+def token_frequencies(data: Encoded, vocabulary: int, floor: float = 1e-3) -> torch.Tensor:
+    """How often each token id occurs in the (unpadded) text of data, normalised, plus a floor for unseen tokens."""
+    ids = data.inputs["input_ids"][data.inputs["attention_mask"] > 0]
+    counts = torch.bincount(torch.from_numpy(ids.astype("int64")).reshape(-1), minlength=vocabulary).double()
+    return counts / counts.sum() + floor / vocabulary
 
 
 def _load_factors(pair: nn.Sequential, layer: nn.Module, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -154,12 +179,14 @@ def factorize(
     example_inputs: Sequence[torch.Tensor] | None = None,
     embeddings: bool = False,
     embedding_energy: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A factorized copy of model and the facts (layers factorized with ranks, layers skipped and why).
 
     energy: retained spectral energy for Linear / 1x1 conv layers (None: leave them whole).
     scope: 'trainable' only touches what pipeline.training.train fine-tunes.
     embeddings: also factorize the token embedding, at embedding_energy (default: energy).
+    token_weights: per-token weights for a data-aware embedding factorization (see low_rank_factors).
     example_inputs, when given, adds MACs before/after to the facts.
     """
     check_energy(energy, embedding_energy)
@@ -168,7 +195,7 @@ def factorize(
     macs_before = macs_by_branch(factorized, example_inputs) if example_inputs is not None else None
     plans, skipped = [], []
     for name, layer, layer_energy in layers_with_energy(factorized, energy, scope, embeddings, embedding_energy):
-        plan, skip, factors = plan_layer(name, layer, layer_energy, min_saving)
+        plan, skip, factors = plan_layer(name, layer, layer_energy, min_saving, token_weights if isinstance(layer, nn.Embedding) else None)
         if plan is None:
             skipped.append(skip)
             continue
@@ -179,7 +206,7 @@ def factorize(
     if plans:
         append_step(factorized, {"op": "factorize", "layers": [{"module": p.module, "rank": p.rank} for p in plans]})
     facts = {
-        "settings": factorize_settings(energy, min_saving, scope, embeddings, embedding_energy),
+        "settings": {**factorize_settings(energy, min_saving, scope, embeddings, embedding_energy), "token_weighted": token_weights is not None},
         "params_before": params_before,
         "params_after": params_by_branch(factorized),
         "layers_factorized": [asdict(p) for p in plans],
@@ -198,6 +225,7 @@ def factorize_stage(source: Artifact, compression: Compression, spec: InputSpec,
 
     Recovery reaches what was factorized: the compression's reach, and the
     whole text encoder (embedding included) when the embedding is factorized.
+    The embedding is factorized weighted by token frequency in the train split.
     """
     from pipeline.compression.sensitivity import factorize_sensitivity
     from pipeline.models.checkpoint import load_torch_artifact, read_description, save_torch_artifact
@@ -211,9 +239,10 @@ def factorize_stage(source: Artifact, compression: Compression, spec: InputSpec,
     set_trainable_split(model, text_layers=text_layers, image_blocks=compression.image_blocks)
     inputs, labels = probe_tensors(probe)
     chosen = layers_with_energy(model, compression.factorize_energy, "trainable", embeddings, compression.embedding_energy)
-    sensitivities = factorize_sensitivity(model, inputs, chosen, labels)
+    weights = token_frequencies(recovery.train, model.text_encoder.embeddings.word_embeddings.num_embeddings) if embeddings else None
+    sensitivities = factorize_sensitivity(model, inputs, chosen, labels, token_weights=weights)
     factorized, facts = factorize(model, compression.factorize_energy, scope="trainable", example_inputs=example_inputs(spec),
-                                  embeddings=embeddings, embedding_energy=compression.embedding_energy)
+                                  embeddings=embeddings, embedding_energy=compression.embedding_energy, token_weights=weights)
     if not facts["layers_factorized"]:
         raise InputError(f"compression.factorize_energy = {compression.factorize_energy}, embedding_energy = {compression.embedding_energy}: "
                          "no layer in reach would get smaller; lower the energy or drop the factorize settings")
