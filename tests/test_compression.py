@@ -293,3 +293,26 @@ def test_a_macs_budget_scales_the_branch_ratios_until_it_fits():
     assert fitted.prune_text / fitted.prune_image == pytest.approx(1.0)  # scaled together: the split between branches holds
     with pytest.raises(InputError, match="budget_macs = 0.01"):
         fit_macs_budget(model, dataclasses.replace(HALF, budget_macs=0.01), inputs, allocate=lambda c: None)
+
+
+def test_token_weighted_embedding_factorization_keeps_the_rows_the_data_uses():
+    from pipeline.stages.factorize import token_frequencies
+
+    config, model = tiny()
+    table = model.text_encoder.embeddings.word_embeddings.weight.detach()
+    used = torch.tensor([101, 102, 2000, 2001, 2002])
+    ids = used.repeat(8, 4)[:, :16].numpy()
+    data = Encoded(ids=tuple(str(i) for i in range(8)), inputs={"input_ids": ids, "attention_mask": np.ones_like(ids)}, labels=np.zeros(8))
+    weights = token_frequencies(data, table.shape[0])
+    assert weights[used].sum() > 0.99
+
+    def row_error(token_weights):
+        factorized, facts = factorize(model, None, embeddings=True, embedding_energy=0.5, min_saving=0.0, token_weights=token_weights)
+        with torch.no_grad():
+            rows = factorized.text_encoder.embeddings.word_embeddings(used)
+        return float(((rows - table[used]) ** 2).sum() / (table[used] ** 2).sum()), facts["layers_factorized"][0]["rank"]
+
+    weighted, weighted_rank = row_error(weights)
+    plain, plain_rank = row_error(None)
+    assert weighted < 1e-6  # five used tokens fit in the rank-8 subspace the weights choose
+    assert weighted_rank <= plain_rank and plain > 100 * weighted
