@@ -66,12 +66,12 @@ def summary_table(manifest: dict[str, Any]) -> str:
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     out = [f"target {manifest['target']['name']}  status {manifest['status']}  wall {manifest['wall_s']:.1f} s  (vs the source model on {manifest['data']['splits'].get('eval', '?')} eval samples)",
            line(header), line(["-" * w for w in widths]), *map(line, rows)]
-    out += branch_lines(stages)
+    out += branch_lines(stages) + sensitivity_lines(stages)
     for stage in manifest["stages"]:
         config = (stage.get("facts") or {}).get("ort_session_config")
         if config:
             out.append(f"{stage['name']}: measured with ONNX Runtime session config {config} "
-                       "(Q/DQ computed in float, as TensorRT's fused INT8 kernels do, not with this CPU's saturating int8 kernels)")
+                       "(Q/DQ computed in float, as TensorRT's fused INT8 kernels do, not with the CPU's own int8 kernels, which saturate S8xS8 sums without VNNI)")
     skipped = (manifest.get("compression") or {}).get("skipped")
     if skipped:
         out.append(f"compression: skipped ({skipped})")
@@ -82,6 +82,22 @@ def summary_table(manifest: dict[str, Any]) -> str:
     if manifest.get("failure"):
         out.append(f"FAILED: {manifest['failure']}")
     return "\n".join(out)
+
+
+def sensitivity_lines(stages: list[dict[str, Any]]) -> list[str]:
+    """Per branch, the most and least sensitive unit/layer a structural stage measured (NMSE of the logits when only it is compressed)."""
+    lines = []
+    for stage in stages:
+        measured = (stage.get("facts") or {}).get("sensitivity") or []
+        for branch in ("image", "text", "fusion"):
+            members = sorted((m for m in measured if m["branch"] == branch), key=lambda m: m["nmse"])
+            if len(members) == 1:
+                lines.append(f"{stage['name']:>9} sensitivity, {branch}: {members[0]['name']} (NMSE {members[0]['nmse']:.3g})")
+            elif members:
+                low, high = members[0], members[-1]
+                lines.append(f"{stage['name']:>9} sensitivity, {branch}: {len(members)} measured; most {high['name']} (NMSE {high['nmse']:.3g}), "
+                             f"least {low['name']} (NMSE {low['nmse']:.3g})")
+    return lines
 
 
 def branch_lines(stages: list[dict[str, Any]]) -> list[str]:
