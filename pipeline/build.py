@@ -252,7 +252,7 @@ def factorize_stage(c: Conductor, model: Artifact, reference: Artifact, spec: In
 
     compression, gate = c.config.target.compression, c.config.target.gates.factorize
     # Factorization perturbs a model that already works: recovery fine-tunes at the model's own encoder
-    # rate (recovery_lr, for pruning, made the recovered model worse here: -2.95 vs -0.63 pts before it).
+    # rate. At recovery_lr (meant for pruning) the calib accuracy fell in the second epoch (BENCHMARKS.md).
     lr = c.config.train.encoder_lr
     settings = {**f.factorize_settings(compression.factorize_energy, scope="trainable", embeddings=compression.embedding_energy is not None,
                                        embedding_energy=compression.embedding_energy),
