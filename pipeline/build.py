@@ -16,7 +16,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -27,13 +27,16 @@ from pipeline.data import load_dataset
 from pipeline.data.base import Dataset
 from pipeline.data.calibration import CalibrationSet, load_calibration_set
 from pipeline.data.encode import Encoded, InputSpec, encode
-from pipeline.errors import EngineRequired, GateFailed, InputError
+from pipeline.errors import EngineRequired, GateFailed
 from pipeline.footprint import Footprint, onnx_footprint, torch_footprint
 from pipeline.parity import Gate, ParityRow, check_gate, parity_row
 from pipeline.runners import OrtRunner, Runner, TorchRunner, run_batches
-from pipeline.store import Store, artifact_digest, atomic_write_json, cache_key, canonical_json, sha256_bytes, sha256_file
+from pipeline.store import Store, atomic_write_json, cache_key, canonical_json, sha256_bytes, sha256_file
 from pipeline.targets import Compression, Target
 from pipeline.training import TrainSettings
+
+if TYPE_CHECKING:
+    from pipeline.stages.recovery import Recovery
 
 MANIFEST_SCHEMA = 1
 GOLDEN_SAMPLES = 128
@@ -162,7 +165,7 @@ class Conductor:
         self.store.save_json(key, found.to_json())
         return found
 
-    def recovery(self, reference: Artifact, gate: Gate, epochs: int, lr: float) -> "Recovery":
+    def recovery(self, reference: Artifact, gate: Gate, epochs: int, lr: float) -> Recovery:
         """Distillation from the reference: its train-split logits as teacher, stop once calib accuracy is safely inside the gate."""
         from pipeline.stages.recovery import Recovery
 
