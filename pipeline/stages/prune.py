@@ -244,14 +244,19 @@ def widen_reach(model: nn.Module, compression: Compression) -> None:
     set_trainable_split(model, text_layers=compression.text_layers, image_blocks=compression.image_blocks)
 
 
+MODEL_INPUTS = ("image", "input_ids", "attention_mask")  # the reference fused models' forward arguments
+
+
 def model_batches(data: Encoded, limit: int, size: int = 64) -> list[tuple[torch.Tensor, ...]]:
     """The first `limit` samples as batches of model inputs."""
     head = data.subset(range(min(limit, len(data))))
-    return [tuple(torch.from_numpy(b[k]) for k in ("image", "input_ids", "attention_mask")) for b in head.batches(size)]
+    return [tuple(torch.from_numpy(b[k]) for k in MODEL_INPUTS) for b in head.batches(size)]
 
 
 def probe_tensors(probe: Encoded) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    return tuple(torch.from_numpy(probe.inputs[k]) for k in ("image", "input_ids", "attention_mask")), torch.from_numpy(probe.labels)
+    """All of probe as one batch of model inputs, and its labels."""
+    (inputs,) = model_batches(probe, len(probe), size=max(len(probe), 1))
+    return inputs, torch.from_numpy(probe.labels)
 
 
 def scaled(compression: Compression, factor: float) -> Compression:

@@ -9,7 +9,6 @@ validation checkpoint either way.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +27,6 @@ class Recovery:
     teacher_logits: np.ndarray  # the reference's logits on `train`, row for row
     target_accuracy: float  # stop once validation accuracy reaches this
     settings: TrainSettings  # settings.epochs is the budget
-
-    def cache_settings(self) -> dict[str, Any]:
-        """What changes the recovered model, beyond the data fingerprints the conductor adds."""
-        return {"train": dataclasses.asdict(self.settings), "target_accuracy": round(self.target_accuracy, 6)}
 
 
 def recover(model: nn.Module, recovery: Recovery, desc: str) -> tuple[nn.Module, dict[str, Any]]:
