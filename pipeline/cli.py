@@ -39,6 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
     for branch in ("image", "text", "fusion"):
         build.add_argument(f"--prune-{branch}", type=float, default=None, metavar="RATIO",
                            help=f"share of {branch} channels pruned per unit, 0 to skip (default: the target's compression.prune_{branch})")
+    build.add_argument("--text-depth", type=int, default=None, metavar="N", help="MiniLM layers kept by depth pruning, the least sensitive dropped first (default: the target's)")
     build.add_argument("--factorize-energy", type=float, default=None, metavar="E", help="low-rank factorize Linear/1x1 conv layers keeping this spectral energy (default: the target's)")
     build.add_argument("--embedding-energy", type=float, default=None, metavar="E", help="factorize the token embedding keeping this spectral energy (default: the target's)")
     build.add_argument("--recovery-epochs", type=int, default=None, metavar="N", help="distillation epochs after each structural stage (default: the target's)")
@@ -68,7 +69,7 @@ def build_command(args: argparse.Namespace) -> int:
         "quantize.method": args.calibration_method, "quantize.calibration": args.calibration,
         "compression.prune_image": args.prune_image, "compression.prune_text": args.prune_text, "compression.prune_fusion": args.prune_fusion,
         "compression.factorize_energy": args.factorize_energy, "compression.embedding_energy": args.embedding_energy,
-        "compression.recovery_epochs": args.recovery_epochs,
+        "compression.recovery_epochs": args.recovery_epochs, "compression.text_depth": args.text_depth,
     })
     if args.no_compression:
         target = dataclasses.replace(target, compression=Compression())

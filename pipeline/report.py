@@ -66,12 +66,16 @@ def summary_table(manifest: dict[str, Any]) -> str:
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     out = [f"target {manifest['target']['name']}  status {manifest['status']}  wall {manifest['wall_s']:.1f} s  (vs the source model on {manifest['data']['splits'].get('eval', '?')} eval samples)",
            line(header), line(["-" * w for w in widths]), *map(line, rows)]
-    out += branch_lines(stages) + sensitivity_lines(stages)
+    out += branch_lines(stages) + depth_lines(stages) + sensitivity_lines(stages)
     for stage in manifest["stages"]:
-        config = (stage.get("facts") or {}).get("ort_session_config")
-        if config:
-            out.append(f"{stage['name']}: measured with ONNX Runtime session config {config} "
+        facts = stage.get("facts") or {}
+        if facts.get("ort_session_config"):
+            out.append(f"{stage['name']}: parity measured with ONNX Runtime session config {facts['ort_session_config']} "
                        "(Q/DQ computed in float, as TensorRT's fused INT8 kernels do, not with the CPU's own int8 kernels, which saturate S8xS8 sums without VNNI)")
+        if facts.get("form") == "tensorrt" and (stage.get("footprint") or {}).get("latency_ms"):
+            out.append(f"{stage['name']}: b1/b16 ms are ONNX Runtime's CPU running TensorRT's Q/DQ placement, for which it has no INT8 kernel "
+                       "(weights are dequantized on every run): a cost of that runtime, not of the engine; "
+                       "`--target cpu` writes the form ONNX Runtime runs in INT8")
     skipped = (manifest.get("compression") or {}).get("skipped")
     if skipped:
         out.append(f"compression: skipped ({skipped})")
@@ -97,6 +101,19 @@ def sensitivity_lines(stages: list[dict[str, Any]]) -> list[str]:
                 low, high = members[0], members[-1]
                 lines.append(f"{stage['name']:>9} sensitivity, {branch}: {len(members)} measured; most {high['name']} (NMSE {high['nmse']:.3g}), "
                              f"least {low['name']} (NMSE {low['nmse']:.3g})")
+    return lines
+
+
+def depth_lines(stages: list[dict[str, Any]]) -> list[str]:
+    """The text layers depth pruning removed, each with the NMSE of skipping it when it went."""
+    lines = []
+    for stage in stages:
+        depth = (stage.get("facts") or {}).get("depth")
+        if not depth or not depth["dropped"]:
+            continue
+        costs = [next(m["nmse"] for m in measured if m["name"] == name) for name, measured in zip(depth["dropped"], depth["rounds"])]
+        dropped = ", ".join(f"{name} (NMSE {cost:.3g})" for name, cost in zip(depth["dropped"], costs))
+        lines.append(f"{stage['name']:>9} depth, text: {depth['layers_before']} -> {depth['layers_after']} layers; dropped {dropped}")
     return lines
 
 

@@ -101,6 +101,9 @@ class Compression:
     # (None: the model's own fine-tuned tail). Recovery cost grows with the image reach.
     image_blocks: int | None = None
     text_layers: int | None = None
+    # Depth pruning: MiniLM layers kept (the least sensitive go first; None keeps them all). Width pruning
+    # cannot remove a layer's fixed per-op cost, which dominates batch-1 latency (pipeline/compression/depth.py).
+    text_depth: int | None = None
     importance: Literal["magnitude", "taylor"] = "magnitude"
     allocate: bool = False  # per-unit ratios from measured sensitivity (same parameter budget per branch)
     # Global budget: prune to at most this fraction of the MACs (the branch ratios are scaled together to fit).
@@ -115,7 +118,7 @@ class Compression:
     recovery_lr: float = 5e-4
 
     def prunes(self) -> bool:
-        return any(r > 0 for r in (self.prune_image, self.prune_text, self.prune_fusion))
+        return any(r > 0 for r in (self.prune_image, self.prune_text, self.prune_fusion)) or self.text_depth is not None
 
     def factorizes(self) -> bool:
         return self.factorize_energy is not None or self.embedding_energy is not None
@@ -236,10 +239,11 @@ def _check_consistency(target: Target, where: str) -> None:
         energy = getattr(comp, name)
         if energy is not None and not 0.0 < energy <= 1.0:
             raise InputError(f"{where}: compression.{name} = {energy} must be in (0, 1]")
-    for name in ("image_blocks", "text_layers"):
+    for name in ("image_blocks", "text_layers", "text_depth"):
         reach = getattr(comp, name)
         if reach is not None and reach < 1:
-            raise InputError(f"{where}: compression.{name} = {reach} must be >= 1 (leave it out for the model's own trained tail)")
+            raise InputError(f"{where}: compression.{name} = {reach} must be >= 1 (leave it out for "
+                             + ("every layer)" if name == "text_depth" else "the model's own trained tail)"))
     if comp.budget_macs is not None and not 0.0 < comp.budget_macs < 1.0:
         raise InputError(f"{where}: compression.budget_macs = {comp.budget_macs} must be in (0, 1): a fraction of the reference's MACs")
     if not comp.recovery_lr > 0:

@@ -17,7 +17,7 @@ from pipeline.cli import main
 REPO = Path(__file__).resolve().parent.parent
 # fused-tiny on 27 eval samples: one sample is 3.7 points, so accuracy gates are opened; export stays exact.
 LENIENT = {"quantize": {"max_drop_pts": 100.0, "min_agreement": 0.0}, "prune": {"max_drop_pts": 100.0}, "factorize": {"max_drop_pts": 100.0}}
-COMPRESSION = {"prune_image": 0.5, "prune_text": 0.5, "prune_fusion": 0.5, "embedding_energy": 0.8, "recovery_epochs": 2}
+COMPRESSION = {"prune_image": 0.5, "prune_text": 0.5, "prune_fusion": 0.5, "text_depth": 1, "embedding_energy": 0.8, "recovery_epochs": 2}
 STAGES = ["source", "prune", "factorize", "export", "quantize"]
 
 
@@ -79,6 +79,8 @@ def test_every_stage_reports_what_it_costs(built):
     prune = next(s for s in manifest["stages"] if s["name"] == "prune")
     assert prune["facts"]["recovery"]["epochs_run"] <= 2
     assert {s["name"] for s in prune["facts"]["sensitivity"]} >= {u["unit"] for u in prune["facts"]["units"]}
+    depth = prune["facts"]["depth"]  # fused-tiny's two text layers: the less sensitive one went, measured first
+    assert depth["layers_before"] == 2 and depth["layers_after"] == 1 and len(depth["rounds"][0]) == 2
 
 
 def test_rebuild_is_served_from_the_cache_with_the_same_bytes(built):

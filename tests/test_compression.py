@@ -316,3 +316,53 @@ def test_token_weighted_embedding_factorization_keeps_the_rows_the_data_uses():
     plain, plain_rank = row_error(None)
     assert weighted < 1e-6  # five used tokens fit in the rank-8 subspace the weights choose
     assert weighted_rank <= plain_rank and plain > 100 * weighted
+
+
+# --- depth ---------------------------------------------------------------------
+
+
+def _silence_layer(model, index: int) -> None:
+    """Zero a text layer's two residual writers: with unit LayerNorms the layer is then (almost) the identity."""
+    layer = model.text_encoder.encoder.layer[index]
+    with torch.no_grad():
+        for dense in (layer.attention.output.dense, layer.output.dense):
+            dense.weight.zero_()
+            dense.bias.zero_()
+
+
+@pytest.mark.parametrize("silenced", [0, 1])
+def test_depth_pruning_drops_the_layer_that_matters_least(silenced):
+    from pipeline.compression.depth import drop_text_layers
+
+    config, model = tiny()
+    _silence_layer(model, silenced)
+    inputs = example_inputs(config.input_spec(), batch=8)
+    before = logits(model, inputs)
+    facts = drop_text_layers(model, 1, inputs)
+    assert facts["dropped"] == [f"text.layer{silenced}"] and facts["kept"] == [1 - silenced]
+    assert len(model.text_encoder.encoder.layer) == 1
+    assert facts["rounds"][0][silenced]["nmse"] < 1e-6 < facts["rounds"][0][1 - silenced]["nmse"]
+    torch.testing.assert_close(logits(model, inputs), before, rtol=0, atol=1e-4)  # the silenced layer did nothing
+
+
+def test_a_depth_and_width_pruned_model_rebuilds_from_its_structure(tmp_path):
+    from pipeline.compression.depth import drop_text_layers
+
+    config, model = tiny()
+    inputs = example_inputs(config.input_spec(), batch=4)
+    drop_text_layers(model, 1, inputs)
+    pruned, _ = prune(model, HALF, example_inputs(config.input_spec()))  # unit names follow the kept layers
+    save_torch_artifact(tmp_path / "torch", pruned, describe_registry_model(config))
+    reloaded = load_torch_artifact(tmp_path / "torch")
+    assert len(reloaded.text_encoder.encoder.layer) == 1
+    torch.testing.assert_close(logits(reloaded, inputs), logits(pruned, inputs), rtol=0, atol=0)
+    artifact = export_onnx(reloaded, config.input_spec(), tmp_path, simplifier="none")
+    assert artifact.meta["inputs"]["input_ids"][0] == "batch"
+
+
+def test_depth_pruning_refuses_a_model_without_a_text_stack():
+    from pipeline.compression.depth import drop_text_layers
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    with pytest.raises(InputError, match="text_depth = 1.*no MiniLM layer stack"):
+        drop_text_layers(model, 1, (torch.zeros(1, 4),))

@@ -147,6 +147,7 @@ def test_file_name_must_match_target_name(tmp_path):
     ("prune_text = 1.0", r"compression\.prune_text = 1\.0 must be in \[0, 1\)"),
     ("embedding_energy = 0.0", r"compression\.embedding_energy = 0\.0 must be in \(0, 1\]"),
     ("image_blocks = 0", r"compression\.image_blocks = 0 must be >= 1"),
+    ("text_depth = 0", r"compression\.text_depth = 0 must be >= 1"),
     ("recovery_lr = 0.0", r"compression\.recovery_lr = 0\.0 must be > 0"),
     ('importance = "random"', r"compression\.importance"),
 ])

@@ -38,7 +38,7 @@ def branch_of(module_name: str) -> str:
     return {"image_encoder": "image", "text_encoder": "text"}.get(module_name.split(".")[0], "fusion")
 
 
-def _compare(reference: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[float, float, float | None]:
+def compare_logits(reference: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[float, float, float | None]:
     nmse = float(((logits - reference) ** 2).sum() / (reference ** 2).sum().clamp(min=1e-12))
     agreement = float((logits.argmax(1) == reference.argmax(1)).float().mean())
     if labels is None:
@@ -115,7 +115,7 @@ def prune_sensitivity(
             logits = runner.logits(unit.branch)
         finally:
             _restore(saved)
-        results.append(Sensitivity(unit.name, unit.branch, probe_ratio, *_compare(runner.reference, logits, labels), size))
+        results.append(Sensitivity(unit.name, unit.branch, probe_ratio, *compare_logits(runner.reference, logits, labels), size))
     return results
 
 
@@ -155,7 +155,7 @@ def factorize_sensitivity(
             logits = runner.logits(branch_of(name))
         finally:
             layer.weight.data = original
-        results.append(Sensitivity(name, branch_of(name), energy, *_compare(runner.reference, logits, labels), original.numel()))
+        results.append(Sensitivity(name, branch_of(name), energy, *compare_logits(runner.reference, logits, labels), original.numel()))
     return results
 
 

@@ -4,10 +4,11 @@ A compressed model carries an ordered list of steps as a plain attribute
 (never in the state dict, never pickled):
   {"op": "prune", "history": [[module, is_out_channels, [indices]], ...], "num_heads": {attention: heads}}
   {"op": "factorize", "layers": [{"module": name, "rank": r}, ...]}
+  {"op": "keep_layers", "module": "text_encoder.encoder.layer", "kept": [indices]}  (depth pruning)
 save_torch_artifact writes the list into model.json under "structure";
 load_torch_artifact builds the reference architecture, replays the steps on
 it (Torch-Pruning's load_pruning_history for pruning, thin layer pairs for
-factorization), then loads the weights with weights_only=True.
+factorization, a shorter layer list for depth pruning), then loads the weights with weights_only=True.
 """
 
 from __future__ import annotations
@@ -130,6 +131,17 @@ def replay_factorization(model: nn.Module, step: Mapping[str, Any]) -> None:
         replace_module(model, layer["module"], low_rank_pair(model.get_submodule(layer["module"]), int(layer["rank"])))
 
 
+# ---------------------------------------------------------------- depth
+
+
+def replay_kept_layers(model: nn.Module, step: Mapping[str, Any]) -> None:
+    layers = model.get_submodule(step["module"])
+    replace_module(model, step["module"], nn.ModuleList(layers[int(i)] for i in step["kept"]))
+    owner = model.get_submodule(step["module"].split(".")[0])
+    if hasattr(owner, "split_at"):  # the frozen prefix keeps the kept layers that were in it
+        owner.split_at = sum(1 for i in step["kept"] if int(i) < owner.split_at)
+
+
 # ---------------------------------------------------------------- rebuild
 
 
@@ -140,6 +152,8 @@ def apply_structure(model: nn.Module, steps: Sequence[Mapping[str, Any]], exampl
             replay_pruning(model, step, example_inputs)
         elif step["op"] == "factorize":
             replay_factorization(model, step)
+        elif step["op"] == "keep_layers":
+            replay_kept_layers(model, step)
         else:
             raise ValueError(f"unknown structure step '{step['op']}' in model.json")
         append_step(model, step)

@@ -10,7 +10,9 @@ updated so the model still runs and exports. What was removed is recorded on
 the model (pipeline.compression.structure) so the torch artifact rebuilds.
 
 prune_stage is the stage as the conductor calls it: widen the trainable
-split to the compression's reach, measure each unit's sensitivity, prune,
+split to the compression's reach, drop the least sensitive text layers when
+the target asks for a shallower text branch (pipeline.compression.depth),
+measure each unit's sensitivity, prune,
 re-estimate the BatchNorm statistics pruning made stale
 (pipeline.compression.recalibrate), then recover by distillation
 (pipeline.stages.recovery).
@@ -63,7 +65,7 @@ def branch_ratios(compression: Compression) -> dict[str, float]:
 def prune_settings(compression: Compression, importance: str = "magnitude", scope: Scope = "trainable",
                    unit_ratios: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Everything that changes the pruned model: part of the stage's cache key."""
-    return {"ratios": branch_ratios(compression), "importance": importance, "scope": branch_scope(scope), "round_to": 8,
+    return {"ratios": branch_ratios(compression), "text_depth": compression.text_depth, "importance": importance, "scope": branch_scope(scope), "round_to": 8,
             "unit_ratios": dict(sorted((unit_ratios or {}).items()))}
 
 
@@ -296,6 +298,7 @@ def fit_macs_budget(model: nn.Module, compression: Compression, example_inputs: 
 
 def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, recovery: Recovery, probe: Encoded, workdir: Path) -> Artifact:
     """Prune a torch artifact per branch (sensitivity measured on probe, ratios allocated when asked), then recover it."""
+    from pipeline.compression.depth import drop_text_layers
     from pipeline.compression.recalibrate import recalibrate_batchnorms
     from pipeline.compression.sensitivity import allocate_ratios, prune_sensitivity
     from pipeline.models.checkpoint import load_torch_artifact, read_description, save_torch_artifact
@@ -303,11 +306,12 @@ def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, rec
     from pipeline.stages.recovery import recover
 
     model = load_torch_artifact(source.path)
+    inputs, labels = probe_tensors(probe)
+    depth = drop_text_layers(model, compression.text_depth, inputs, labels) if compression.text_depth is not None else None
     widen_reach(model, compression)
     ratios = {branch: r for branch, r in branch_ratios(compression).items() if r > 0}
     units = [u for u in units_in_scope(model, "trainable") if u.branch in ratios]
     check_ratios(ratios, units)
-    inputs, labels = probe_tensors(probe)
     sensitivities = prune_sensitivity(model, units, inputs, labels)
     allocate = (lambda c: allocate_ratios(sensitivities, branch_ratios(c))) if compression.allocate else (lambda c: None)
     budget = None
@@ -316,6 +320,7 @@ def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, rec
     pruned, facts = prune(model, compression, example_inputs(spec), compression.importance, "trainable", allocate(compression),
                           importance_batch=(inputs, labels))
     facts["budget"] = budget
+    facts["depth"] = depth
     facts["recalibrated_batchnorms"] = recalibrate_batchnorms(model, pruned, model_batches(recovery.train, RECALIBRATION_SAMPLES))
     widen_reach(pruned, compression)
     recovered, recovery_facts = recover(pruned, recovery, "recover (prune)")
