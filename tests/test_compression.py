@@ -366,3 +366,13 @@ def test_depth_pruning_refuses_a_model_without_a_text_stack():
     model = torch.nn.Sequential(torch.nn.Linear(4, 2))
     with pytest.raises(InputError, match="text_depth = 1.*no MiniLM layer stack"):
         drop_text_layers(model, 1, (torch.zeros(1, 4),))
+
+
+def test_a_depth_the_model_already_has_changes_nothing():
+    from pipeline.compression.depth import drop_text_layers
+    from pipeline.compression.structure import structure_of
+
+    config, model = tiny()
+    facts = drop_text_layers(model, 2, example_inputs(config.input_spec(), batch=4))
+    assert facts["dropped"] == [] and facts["kept"] == [0, 1] and len(model.text_encoder.encoder.layer) == 2
+    assert structure_of(model) == []  # nothing to replay

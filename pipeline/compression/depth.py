@@ -3,8 +3,9 @@
 Width pruning leaves every layer's fixed cost: at batch 1 and 16 tokens a
 MiniLM layer is some forty small ops (reshapes, transposes, LayerNorms, a
 softmax) whose launch overhead ONNX Runtime and TensorRT pay whatever the
-width (benchmarks/ort_profile.py: the text branch is half the batch-1 time of
-the width-pruned model with a tenth of its MACs). Only fewer layers remove it.
+width (benchmarks/ort_profile.py: in the width-pruned default model the text
+branch takes about half the batch-1 time and a fifth of the MACs). Only fewer
+layers remove it.
 
 A BERT layer is a residual update of the hidden stream, so skipping one keeps
 the stream well formed and the model runnable. Which layers go is measured:
