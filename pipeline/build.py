@@ -33,7 +33,7 @@ from pipeline.parity import Gate, ParityRow, check_gate, parity_row
 from pipeline.runners import OrtRunner, Runner, TorchRunner, run_batches
 from pipeline.store import Store, atomic_write_json, cache_key, canonical_json, sha256_bytes, sha256_file
 from pipeline.targets import Compression, Target
-from pipeline.training import TrainSettings
+from pipeline.training import PrefixCache, TrainSettings
 
 if TYPE_CHECKING:
     from pipeline.stages.recovery import Recovery
@@ -126,6 +126,7 @@ class Conductor:
         self.say = progress
         self.results: list[StageResult] = []
         self.logits: dict[str, np.ndarray] = {}
+        self.prefix_cache = PrefixCache()  # frozen-prefix outputs shared by this build's recoveries
 
     def run_stage(self, name: str, settings: dict, input_sha: str, produce: Callable[[Path], Artifact]) -> tuple[Artifact, bool, float]:
         key = cache_key(name, settings, input_sha, self.versions)
@@ -176,7 +177,7 @@ class Conductor:
         # Half the gate's budget on calib: the eval gate is then checked on unseen samples, with room for quantization.
         margin = (gate.max_drop_pts if gate.max_drop_pts is not None else 1.0) / 2 / 100
         return Recovery(self.splits.get("train"), calib, teacher, reference_accuracy - margin,
-                        dataclasses.replace(self.config.train, epochs=epochs, encoder_lr=lr))
+                        dataclasses.replace(self.config.train, epochs=epochs, encoder_lr=lr), self.prefix_cache)
 
     def probe(self) -> Encoded:
         """The samples sensitivity is measured on: the first of the calib split (never eval)."""

@@ -9,8 +9,9 @@ budget. A model without prefix/suffix (a user's own) is trained end to end.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -49,23 +50,63 @@ def _has_split(model: nn.Module) -> bool:
     )
 
 
+def _frozen_prefix_digest(encoder: nn.Module) -> str:
+    """sha256 of everything an encoder's prefix() computes with: its state outside the trainable suffix."""
+    trained = {id(t) for module in encoder.suffix_modules() for t in module.state_dict(keep_vars=True).values()}
+    digest = hashlib.sha256(f"{type(encoder).__name__}|{getattr(encoder, 'split_at', None)}".encode())
+    for name, tensor in encoder.state_dict(keep_vars=True).items():
+        if id(tensor) not in trained:
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class PrefixCache:
+    """Frozen-prefix outputs kept across the trainings of one build.
+
+    The prune and factorize stages both recover a model whose frozen prefix
+    (EfficientNet's stem and early blocks) neither of them touches, on the same
+    train and calib splits: computing those outputs once saves each later
+    recovery a quarter of its time. Entries are keyed by the prefix weights'
+    digest, the data (the same Encoded object, held by the entry) and the batch
+    size, so a changed prefix is recomputed and a reused one is bitwise the same.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str, int, int], tuple[Encoded, Any]] = {}
+        self.hits = 0
+
+    def get(self, model: nn.Module, data: Encoded, batch_size: int, compute: Callable[[], Any]) -> Any:
+        key = (_frozen_prefix_digest(model.image_encoder), _frozen_prefix_digest(model.text_encoder), id(data), batch_size)
+        if key in self._entries:
+            self.hits += 1
+            return self._entries[key][1]
+        value = compute()
+        self._entries[key] = (data, value)  # holding data keeps id(data) from being reused
+        return value
+
+
 class _Features:
     """Inputs as the trainable part of the model sees them (prefix outputs when the model splits)."""
 
-    def __init__(self, model: nn.Module, data: Encoded, batch_size: int, desc: str):
+    def __init__(self, model: nn.Module, data: Encoded, batch_size: int, desc: str, cache: PrefixCache | None = None):
         self.split = _has_split(model)
         self.labels = torch.from_numpy(data.labels)
         self.mask = torch.from_numpy(data.inputs["attention_mask"])
         if not self.split:
             self.tensors = {k: torch.from_numpy(v) for k, v in data.inputs.items()}
             return
+        compute = lambda: self._prefix_outputs(model, data, batch_size, desc)
+        self.image, self.text = cache.get(model, data, batch_size, compute) if cache is not None else compute()
+
+    @staticmethod
+    def _prefix_outputs(model: nn.Module, data: Encoded, batch_size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
         images, texts = [], []
         with torch.inference_mode():
             for batch in tqdm(list(data.batches(batch_size)), desc=desc, unit="batch", leave=False, disable=None):
                 images.append(model.image_encoder.prefix(torch.from_numpy(batch["image"])))
                 texts.append(model.text_encoder.prefix(torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])))
-        self.image = torch.cat(images)
-        self.text = torch.cat(texts)
+        return torch.cat(images), torch.cat(texts)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -138,20 +179,22 @@ def train(
     teacher_logits: np.ndarray | None = None,
     stop_when: Callable[[float], bool] | None = None,
     desc: str = "train",
+    prefix_cache: PrefixCache | None = None,
 ) -> tuple[nn.Module, TrainReport]:
     """Train model in place; return the best checkpoint (by validation accuracy) and a report.
 
     teacher_logits (aligned with train_data) switch the loss to distillation;
     stop_when(val_accuracy) ends training early once it returns True (before
-    the first epoch too: a model already good enough is not trained).
+    the first epoch too: a model already good enough is not trained);
+    prefix_cache reuses frozen-prefix outputs an earlier training of the same build computed.
     """
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    train_features = _Features(model, train_data, settings.batch_size, f"{desc}: encoding train")
-    val_features = _Features(model, val_data, settings.batch_size, f"{desc}: encoding val")
+    train_features = _Features(model, train_data, settings.batch_size, f"{desc}: encoding train", prefix_cache)
+    val_features = _Features(model, val_data, settings.batch_size, f"{desc}: encoding val", prefix_cache)
     tail, head = _trainable_parameters(model)
     for p in tail + head:
         p.requires_grad_(True)

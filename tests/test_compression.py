@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -376,3 +378,30 @@ def test_a_depth_the_model_already_has_changes_nothing():
     facts = drop_text_layers(model, 2, example_inputs(config.input_spec(), batch=4))
     assert facts["dropped"] == [] and facts["kept"] == [0, 1] and len(model.text_encoder.encoder.layer) == 2
     assert structure_of(model) == []  # nothing to replay
+
+
+def test_recoveries_of_one_build_share_the_frozen_prefix_outputs():
+    from pipeline.stages.recovery import Recovery, recover
+    from pipeline.training import PrefixCache, TrainSettings
+
+    config, model = tiny("concat")
+    spec = config.input_spec()
+    rng = np.random.default_rng(0)
+    data = Encoded(ids=tuple(str(i) for i in range(16)),
+                   inputs={"image": rng.random((16, 3, spec.image_size, spec.image_size), dtype=np.float32),
+                           "input_ids": rng.integers(1, 100, (16, spec.max_tokens)), "attention_mask": np.ones((16, spec.max_tokens), np.int64)},
+                   labels=np.arange(16) % 9)
+    model.text_encoder.split_at = 1  # text layer 0 is a frozen prefix
+    cache = PrefixCache()
+    val = data.subset(range(8))
+    run = lambda m, c: recover(m, Recovery(data, val, np.zeros((16, 9), np.float32), 1.01, TrainSettings(epochs=2), c), "t")[0]
+    uncached = run(copy.deepcopy(model), None)
+    first = run(copy.deepcopy(model), cache)
+    second = run(copy.deepcopy(model), cache)
+    assert cache.hits == 2  # train and val features of the second recovery
+    for trained in (first, second):
+        assert all(torch.equal(a, b) for a, b in zip(uncached.state_dict().values(), trained.state_dict().values()))
+    with torch.no_grad():  # a changed prefix layer is a different prefix: computed again
+        model.text_encoder.encoder.layer[0].output.dense.bias.add_(1.0)
+    run(copy.deepcopy(model), cache)
+    assert cache.hits == 2
