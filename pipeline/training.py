@@ -86,6 +86,20 @@ class PrefixCache:
         return value
 
 
+def prefix_outputs(model: nn.Module, data: Encoded, batch_size: int, cache: PrefixCache | None = None,
+                   desc: str = "encoding") -> tuple[torch.Tensor, torch.Tensor]:
+    """The image and text encoders' frozen-prefix outputs for every sample of data, in order (from cache when it has them)."""
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        images, texts = [], []
+        with torch.inference_mode():
+            for batch in tqdm(list(data.batches(batch_size)), desc=desc, unit="batch", leave=False, disable=None):
+                images.append(model.image_encoder.prefix(torch.from_numpy(batch["image"])))
+                texts.append(model.text_encoder.prefix(torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])))
+        return torch.cat(images), torch.cat(texts)
+
+    return cache.get(model, data, batch_size, compute) if cache is not None else compute()
+
+
 class _Features:
     """Inputs as the trainable part of the model sees them (prefix outputs when the model splits)."""
 
@@ -96,17 +110,7 @@ class _Features:
         if not self.split:
             self.tensors = {k: torch.from_numpy(v) for k, v in data.inputs.items()}
             return
-        compute = lambda: self._prefix_outputs(model, data, batch_size, desc)
-        self.image, self.text = cache.get(model, data, batch_size, compute) if cache is not None else compute()
-
-    @staticmethod
-    def _prefix_outputs(model: nn.Module, data: Encoded, batch_size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-        images, texts = [], []
-        with torch.inference_mode():
-            for batch in tqdm(list(data.batches(batch_size)), desc=desc, unit="batch", leave=False, disable=None):
-                images.append(model.image_encoder.prefix(torch.from_numpy(batch["image"])))
-                texts.append(model.text_encoder.prefix(torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])))
-        return torch.cat(images), torch.cat(texts)
+        self.image, self.text = prefix_outputs(model, data, batch_size, cache, desc)
 
     def __len__(self) -> int:
         return len(self.labels)

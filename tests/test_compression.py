@@ -405,3 +405,49 @@ def test_recoveries_of_one_build_share_the_frozen_prefix_outputs():
         model.text_encoder.encoder.layer[0].output.dense.bias.add_(1.0)
     run(copy.deepcopy(model), cache)
     assert cache.hits == 2
+
+
+def test_sensitivity_re_runs_from_the_frozen_prefix_with_the_same_logits():
+    config, model = tiny()
+    model.text_encoder.split_at = 1  # layer 0 is the frozen prefix
+    inputs = example_inputs(config.input_spec(), batch=4)
+    full, shortcut = BranchRunner(model, inputs), BranchRunner(model, inputs, frozen_prefix=True)
+    assert shortcut.from_prefix and not full.from_prefix
+    with torch.no_grad():
+        model.text_encoder.encoder.layer[1].output.dense.weight.mul_(3)  # a suffix layer changes
+    torch.testing.assert_close(shortcut.logits("text"), full.logits("text"), rtol=0, atol=0)
+    assert not torch.equal(shortcut.logits("text"), shortcut.reference)
+
+
+def test_batchnorm_recalibration_from_the_cached_prefix_equals_a_full_forward():
+    from pipeline.compression.recalibrate import recalibrate_batchnorms
+    from pipeline.stages.prune import recalibration_inputs
+    from pipeline.stages.recovery import Recovery
+    from pipeline.training import PrefixCache, TrainSettings, prefix_outputs
+
+    config = default_config("fused-effnet-minilm", 9)
+    torch.manual_seed(0)
+    model = build_model(config, pretrained=False).eval()
+    set_trainable_split(model, image_blocks=4)
+    pruned, _ = prune(model, Compression(prune_image=0.5), example_inputs(config.input_spec()))
+    spec = config.input_spec()
+    rng = np.random.default_rng(0)
+    data = Encoded(ids=tuple(str(i) for i in range(8)),
+                   inputs={"image": rng.random((8, 3, spec.image_size, spec.image_size), dtype=np.float32),
+                           "input_ids": rng.integers(1, 100, (8, spec.max_tokens)), "attention_mask": np.ones((8, spec.max_tokens), np.int64)},
+                   labels=np.arange(8) % 9)
+    recovery = lambda cache: Recovery(data, data, np.zeros((8, 9), np.float32), 1.0, TrainSettings(batch_size=4), cache)
+    full, cached = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    batches, forward = recalibration_inputs(model, full, recovery(None))
+    assert forward is None  # no cache: the whole model runs
+    names = recalibrate_batchnorms(model, full, batches)
+    cache = PrefixCache()
+    batches, forward = recalibration_inputs(model, cached, recovery(cache))
+    assert forward is not None
+    prefix_outputs(cached, data, 4, cache)  # what recovery reads next: already there
+    assert cache.hits == 1
+    assert recalibrate_batchnorms(model, cached, batches, forward) == names and names
+    states = full.state_dict(), cached.state_dict()
+    for name in names:
+        torch.testing.assert_close(states[1][f"{name}.running_mean"], states[0][f"{name}.running_mean"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(states[1][f"{name}.running_var"], states[0][f"{name}.running_var"], rtol=1e-5, atol=1e-6)

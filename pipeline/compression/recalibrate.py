@@ -16,7 +16,7 @@ it changed.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -54,8 +54,12 @@ def stale_batchnorms(original: nn.Module, pruned: nn.Module) -> list[str]:
     return [bn for bn in (following_batchnorm(pruned, name) for name in lost_inputs(original, pruned)) if bn is not None]
 
 
-def recalibrate_batchnorms(original: nn.Module, pruned: nn.Module, batches: Iterable[Sequence[torch.Tensor]]) -> list[str]:
-    """Re-estimate the running statistics of pruned's stale BatchNorms (in place) over batches of model inputs."""
+def recalibrate_batchnorms(original: nn.Module, pruned: nn.Module, batches: Iterable[Sequence[torch.Tensor]],
+                           forward: Callable[[Sequence[torch.Tensor]], Any] | None = None) -> list[str]:
+    """Re-estimate the running statistics of pruned's stale BatchNorms (in place) over batches of model inputs.
+
+    forward runs one batch through the part of pruned that holds them (default: the whole model).
+    """
     names = stale_batchnorms(original, pruned)
     if not names:
         return []
@@ -71,7 +75,7 @@ def recalibrate_batchnorms(original: nn.Module, pruned: nn.Module, batches: Iter
     try:
         with torch.no_grad():
             for batch in batches:
-                pruned(*batch)
+                (forward or (lambda inputs: pruned(*inputs)))(batch)
     finally:
         for name in names:
             modules[name].momentum = saved[name]

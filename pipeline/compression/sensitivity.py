@@ -48,23 +48,40 @@ def compare_logits(reference: torch.Tensor, logits: torch.Tensor, labels: torch.
 
 
 class BranchRunner:
-    """Logits with one branch re-run: the other branch's features are computed once (text units do not re-run the CNN)."""
+    """Logits with one branch re-run: the other branch's features are computed once (text units do not re-run the CNN).
 
-    def __init__(self, model: nn.Module, inputs: Sequence[torch.Tensor]):
+    frozen_prefix: the caller only changes the encoders' trainable suffixes, so a
+    re-run starts from the prefix outputs computed once (EfficientNet's
+    high-resolution stem and early blocks are most of its time).
+    """
+
+    def __init__(self, model: nn.Module, inputs: Sequence[torch.Tensor], frozen_prefix: bool = False):
         self.model, self.inputs = model.eval(), tuple(inputs)
         self.split = all(hasattr(model, a) for a in ("image_encoder", "text_encoder", "head"))
+        self.from_prefix = frozen_prefix and self.split and all(
+            hasattr(getattr(model, e), a) for e in ("image_encoder", "text_encoder") for a in ("prefix", "suffix"))
         with torch.no_grad():
+            if self.from_prefix:
+                self.image_prefix = model.image_encoder.prefix(self.inputs[0])
+                self.text_prefix = model.text_encoder.prefix(*self.inputs[1:])
             if self.split:
-                self.image = model.image_encoder(self.inputs[0])
-                self.text = model.text_encoder(*self.inputs[1:])
+                self.image, self.text = self._image(), self._text()
             self.reference = self.logits("all")
+
+    def _image(self) -> torch.Tensor:
+        encoder = self.model.image_encoder
+        return encoder.suffix(self.image_prefix) if self.from_prefix else encoder(self.inputs[0])
+
+    def _text(self) -> torch.Tensor:
+        encoder = self.model.text_encoder
+        return encoder.suffix(self.text_prefix, self.inputs[2]) if self.from_prefix else encoder(*self.inputs[1:])
 
     @torch.no_grad()
     def logits(self, branch: str) -> torch.Tensor:
         if not self.split or branch == "all":
             return self.model(*self.inputs)
-        image = self.model.image_encoder(self.inputs[0]) if branch == "image" else self.image
-        text = self.model.text_encoder(*self.inputs[1:]) if branch == "text" else self.text
+        image = self._image() if branch == "image" else self.image
+        text = self._text() if branch == "text" else self.text
         return self.model.head(image, text)
 
 
@@ -102,7 +119,7 @@ def prune_sensitivity(
     from pipeline.stages.prune import importance_scorer, unit_group, channels_to_remove, unit_scores
 
     scorer = scorer or importance_scorer("magnitude")
-    runner = BranchRunner(model, inputs)
+    runner = BranchRunner(model, inputs, frozen_prefix=all(unit.trainable for unit in units))
     graph = dependency_graph(model, tuple(t[:2] for t in inputs))
     results = []
     for unit in units:

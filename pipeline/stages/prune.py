@@ -43,6 +43,7 @@ from pipeline.targets import Compression
 IMPORTANCES = ("magnitude", "taylor")
 MAX_BUDGET_RATIO = 0.9  # a MACs budget never prunes a unit by more than this
 RECALIBRATION_SAMPLES = 512  # train samples the stale BatchNorm statistics are re-estimated on
+RECALIBRATION_BATCH = 64
 Reach = Literal["trainable", "all"]
 # One reach for every branch, or one per branch, e.g. {"text": "all", "image": "trainable"}
 # (MiniLM layers are cheap to retrain at 16 tokens; EfficientNet's early blocks are not).
@@ -296,6 +297,26 @@ def fit_macs_budget(model: nn.Module, compression: Compression, example_inputs: 
     return fitted, {"macs_fraction": budget, "factor": round(high, 4), "ratios": branch_ratios(fitted), "macs_after": round(macs_at(high), 4)}
 
 
+def recalibration_inputs(model: nn.Module, pruned: nn.Module, recovery: Recovery) -> tuple[list[tuple[torch.Tensor, ...]], Callable | None]:
+    """Batches (and how to run them) for re-estimating pruned's stale BatchNorms on the first train samples.
+
+    When they all sit in the image encoder's trainable suffix, the batches are
+    the frozen prefix's outputs, taken from (and left in) the build's prefix
+    cache that recovery reads next: the high-resolution blocks run once.
+    """
+    from pipeline.compression.recalibrate import stale_batchnorms
+    from pipeline.training import prefix_outputs
+
+    encoder = getattr(pruned, "image_encoder", None)
+    modules = dict(pruned.named_modules())
+    suffix = {id(m) for part in (encoder.suffix_modules() if hasattr(encoder, "suffix_modules") else []) for m in part.modules()}
+    stale = stale_batchnorms(model, pruned)
+    if recovery.prefix_cache is None or not stale or not all(id(modules[name]) in suffix for name in stale):
+        return model_batches(recovery.train, RECALIBRATION_SAMPLES, RECALIBRATION_BATCH), None
+    image, _ = prefix_outputs(pruned, recovery.train, recovery.settings.batch_size, recovery.prefix_cache)
+    return [(rows,) for rows in image[:RECALIBRATION_SAMPLES].split(RECALIBRATION_BATCH)], lambda batch: encoder.suffix(*batch)
+
+
 def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, recovery: Recovery, probe: Encoded, workdir: Path) -> Artifact:
     """Prune a torch artifact per branch (sensitivity measured on probe, ratios allocated when asked), then recover it."""
     from pipeline.compression.depth import drop_text_layers
@@ -321,7 +342,7 @@ def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, rec
                           importance_batch=(inputs, labels))
     facts["budget"] = budget
     facts["depth"] = depth
-    facts["recalibrated_batchnorms"] = recalibrate_batchnorms(model, pruned, model_batches(recovery.train, RECALIBRATION_SAMPLES))
+    facts["recalibrated_batchnorms"] = recalibrate_batchnorms(model, pruned, *recalibration_inputs(model, pruned, recovery))
     widen_reach(pruned, compression)
     recovered, recovery_facts = recover(pruned, recovery, "recover (prune)")
     directory = workdir / "torch"
