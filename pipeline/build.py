@@ -70,6 +70,9 @@ class StageResult:
     gate: Gate | None = None
     facts: dict = field(default_factory=dict)
     footprint: Footprint | None = None
+    # the footprint came from the store, measured by the earlier build that made the artifact:
+    # its latency is not side by side with the stages measured in this build
+    footprint_reused: bool = False
 
     def to_json(self, root: Path) -> dict[str, Any]:
         return {
@@ -83,6 +86,7 @@ class StageResult:
             "gate": dataclasses.asdict(self.gate) if self.gate else None,
             "facts": self.facts,
             "footprint": self.footprint.to_json() if self.footprint else None,
+            "footprint_reused": self.footprint_reused,
         }
 
 
@@ -127,6 +131,7 @@ class Conductor:
         self.results: list[StageResult] = []
         self.logits: dict[str, np.ndarray] = {}
         self.prefix_cache = PrefixCache()  # frozen-prefix outputs shared by this build's recoveries
+        self.reused_footprints: set[str] = set()  # artifacts whose cost columns an earlier build measured
 
     def run_stage(self, name: str, settings: dict, input_sha: str, produce: Callable[[Path], Artifact]) -> tuple[Artifact, bool, float]:
         key = cache_key(name, settings, input_sha, self.versions)
@@ -157,6 +162,7 @@ class Conductor:
         key = sha256_bytes(f"footprint|{artifact.sha256}|{canonical_json(spec.to_json())}|{measure}|{self.config.simplifier}".encode())
         cached = self.store.cached_json(key)
         if cached is not None:
+            self.reused_footprints.add(artifact.sha256)
             return Footprint.from_json(cached)
         self.say(f"  measuring the cost of {artifact.kind} artifact" + (" (ONNX Runtime CPU latency)" if measure else ""))
         if artifact.kind == "torch":
@@ -195,7 +201,8 @@ class Conductor:
             previous = next(reversed(self.logits.values()), logits)
             row = parity_row(name, logits, reference, previous, self.labels())
             self.logits[name] = logits
-        self.results.append(StageResult(name, artifact, cached, wall_s, settings, row, gate, facts or {}, footprint))
+        self.results.append(StageResult(name, artifact, cached, wall_s, settings, row, gate, facts or {}, footprint,
+                                        footprint_reused=footprint is not None and artifact.sha256 in self.reused_footprints))
         if row is not None and gate is not None:
             violations = check_gate(gate, row)
             if violations:

@@ -76,6 +76,7 @@ def summary_table(manifest: dict[str, Any]) -> str:
             out.append(f"{stage['name']}: b1/b16 ms are ONNX Runtime's CPU running TensorRT's Q/DQ placement, for which it has no INT8 kernel "
                        "(weights are dequantized on every run): a cost of that runtime, not of the engine; "
                        "`--target cpu` writes the form ONNX Runtime runs in INT8")
+    out += reused_latency_lines(stages)
     skipped = (manifest.get("compression") or {}).get("skipped")
     if skipped:
         out.append(f"compression: skipped ({skipped})")
@@ -102,6 +103,16 @@ def sensitivity_lines(stages: list[dict[str, Any]]) -> list[str]:
                 lines.append(f"{stage['name']:>9} sensitivity, {branch}: {len(members)} measured; most {high['name']} (NMSE {high['nmse']:.3g}), "
                              f"least {low['name']} (NMSE {low['nmse']:.3g})")
     return lines
+
+
+def reused_latency_lines(stages: list[dict[str, Any]]) -> list[str]:
+    """A warning when some latency columns were measured by an earlier build: ratios across runs mix machine states."""
+    reused = [s["name"] for s in stages if s.get("footprint_reused") and (s.get("footprint") or {}).get("latency_ms")]
+    if not reused:
+        return []
+    return [f"latency: b1/b16 ms of {', '.join(reused)} were measured by the earlier build that made "
+            f"{'that artifact' if len(reused) == 1 else 'those artifacts'}; ratios between runs mix machine states "
+            "(time files side by side: python benchmarks/cpu_latency.py REFERENCE.onnx OTHER.onnx ...)"]
 
 
 def depth_lines(stages: list[dict[str, Any]]) -> list[str]:

@@ -13,6 +13,7 @@ import pytest
 
 from helpers import write_emoji_folder, write_target
 from pipeline.cli import main
+from pipeline.report import summary_table
 
 REPO = Path(__file__).resolve().parent.parent
 # fused-tiny on 27 eval samples: one sample is 3.7 points, so accuracy gates are opened; export stays exact.
@@ -76,6 +77,7 @@ def test_every_stage_reports_what_it_costs(built):
     assert cost["quantize"]["onnx_bytes"] < cost["export"]["onnx_bytes"] < cost["source"]["onnx_bytes"]
     for c in cost.values():
         assert set(c["latency_ms"]) == {"batch1_ms", "batch16_ms"} and all(v > 0 for v in c["latency_ms"].values())
+    assert not any(s["footprint_reused"] for s in manifest["stages"])  # all measured in this one build
     prune = next(s for s in manifest["stages"] if s["name"] == "prune")
     assert prune["facts"]["recovery"]["epochs_run"] <= 2
     assert {s["name"] for s in prune["facts"]["sensitivity"]} >= {u["unit"] for u in prune["facts"]["units"]}
@@ -90,6 +92,9 @@ def test_rebuild_is_served_from_the_cache_with_the_same_bytes(built):
     before, after = json.loads(first.stdout), json.loads(again.stdout)
     assert all(stage["cached"] for stage in after["stages"])
     assert [s["sha256"] for s in before["stages"]] == [s["sha256"] for s in after["stages"]]
+    manifest = json.loads((work / "out" / "manifest.json").read_text())
+    assert all(s["footprint_reused"] for s in manifest["stages"])  # the cost columns are the first build's
+    assert "were measured by the earlier build" in summary_table(manifest)
 
 
 def test_same_inputs_in_a_fresh_directory_give_the_same_onnx_bytes(built, tmp_path):
