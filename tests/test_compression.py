@@ -380,17 +380,21 @@ def test_a_depth_the_model_already_has_changes_nothing():
     assert structure_of(model) == []  # nothing to replay
 
 
+def random_samples(spec, n: int) -> Encoded:
+    """n labelled samples of random images and token ids in the model's input shapes."""
+    rng = np.random.default_rng(0)
+    return Encoded(ids=tuple(str(i) for i in range(n)),
+                   inputs={"image": rng.random((n, 3, spec.image_size, spec.image_size), dtype=np.float32),
+                           "input_ids": rng.integers(1, 100, (n, spec.max_tokens)), "attention_mask": np.ones((n, spec.max_tokens), np.int64)},
+                   labels=np.arange(n) % 9)
+
+
 def test_recoveries_of_one_build_share_the_frozen_prefix_outputs():
     from pipeline.stages.recovery import Recovery, recover
     from pipeline.training import PrefixCache, TrainSettings
 
     config, model = tiny("concat")
-    spec = config.input_spec()
-    rng = np.random.default_rng(0)
-    data = Encoded(ids=tuple(str(i) for i in range(16)),
-                   inputs={"image": rng.random((16, 3, spec.image_size, spec.image_size), dtype=np.float32),
-                           "input_ids": rng.integers(1, 100, (16, spec.max_tokens)), "attention_mask": np.ones((16, spec.max_tokens), np.int64)},
-                   labels=np.arange(16) % 9)
+    data = random_samples(config.input_spec(), 16)
     model.text_encoder.split_at = 1  # text layer 0 is a frozen prefix
     cache = PrefixCache()
     val = data.subset(range(8))
@@ -430,12 +434,7 @@ def test_batchnorm_recalibration_from_the_cached_prefix_equals_a_full_forward():
     model = build_model(config, pretrained=False).eval()
     set_trainable_split(model, image_blocks=4)
     pruned, _ = prune(model, Compression(prune_image=0.5), example_inputs(config.input_spec()))
-    spec = config.input_spec()
-    rng = np.random.default_rng(0)
-    data = Encoded(ids=tuple(str(i) for i in range(8)),
-                   inputs={"image": rng.random((8, 3, spec.image_size, spec.image_size), dtype=np.float32),
-                           "input_ids": rng.integers(1, 100, (8, spec.max_tokens)), "attention_mask": np.ones((8, spec.max_tokens), np.int64)},
-                   labels=np.arange(8) % 9)
+    data = random_samples(config.input_spec(), 8)
     recovery = lambda cache: Recovery(data, data, np.zeros((8, 9), np.float32), 1.0, TrainSettings(batch_size=4), cache)
     full, cached = copy.deepcopy(pruned), copy.deepcopy(pruned)
     batches, forward = recalibration_inputs(model, full, recovery(None))
