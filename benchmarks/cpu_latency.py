@@ -22,15 +22,14 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeline.data.encode import InputSpec
+from pipeline.runners import ort_session_options
 from pipeline.stages.export import example_inputs
 
 BATCHES = (1, 16)
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), ort_session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def feeds(sess: ort.InferenceSession, spec: InputSpec) -> dict[int, dict[str, np.ndarray]]:
