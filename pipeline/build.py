@@ -30,10 +30,10 @@ from pipeline.data.encode import Encoded, InputSpec, encode
 from pipeline.errors import EngineRequired, GateFailed
 from pipeline.footprint import Footprint, onnx_footprint, torch_footprint
 from pipeline.parity import Gate, ParityRow, check_gate, parity_row
-from pipeline.runners import OrtRunner, Runner, TorchRunner, run_batches
+from pipeline.runners import OrtRunner, Runner, run_batches
 from pipeline.store import Store, atomic_write_json, cache_key, canonical_json, sha256_bytes, sha256_file
 from pipeline.targets import Compression, Target
-from pipeline.training import PrefixCache, TrainSettings
+from pipeline.training import PrefixCache, TrainSettings, predict_logits
 
 if TYPE_CHECKING:
     from pipeline.stages.recovery import Recovery
@@ -130,7 +130,7 @@ class Conductor:
         self.say = progress
         self.results: list[StageResult] = []
         self.logits: dict[str, np.ndarray] = {}
-        self.prefix_cache = PrefixCache()  # frozen-prefix outputs shared by this build's recoveries
+        self.prefix_cache = PrefixCache()  # frozen-prefix outputs shared by this build's trainings and torch outputs
         self.reused_footprints: set[str] = set()  # artifacts whose cost columns an earlier build measured
 
     def run_stage(self, name: str, settings: dict, input_sha: str, produce: Callable[[Path], Artifact]) -> tuple[Artifact, bool, float]:
@@ -146,13 +146,36 @@ class Conductor:
 
     def outputs(self, artifact: Artifact, runner: Callable[[], Runner], split: str = "eval", how: dict | None = None) -> np.ndarray:
         """Logits of an artifact on a split, cached by artifact content, split content and how it is run."""
-        key = sha256_bytes(f"{artifact.sha256}|{self.splits.fingerprint(split)}|{artifact.kind}|{canonical_json(how or {})}".encode())
-        logits = self.store.cached_array(key)
-        if logits is None:
-            data = self.splits.get(split)
+        def compute(data: Encoded) -> np.ndarray:
             batches = tqdm(data.batches(self.config.eval_batch), total=-(-len(data) // self.config.eval_batch),
                            desc=f"  measuring {artifact.kind} on {split}", unit="batch", leave=False, disable=None)
-            logits = run_batches(runner(), batches)
+            return run_batches(runner(), batches)
+
+        return self._stored_logits(artifact, split, how or {}, compute)
+
+    def torch_outputs(self, artifact: Artifact, split: str = "eval", reach: Compression | None = None) -> np.ndarray:
+        """Logits of a torch artifact on a split, through the build's prefix cache (shared with its trainings).
+
+        reach: the compression stages' reach, for a model they made: loaded,
+        it splits where their recoveries did, so it reuses their prefix outputs.
+        """
+        batch = self.config.train.batch_size  # the trainings' batch size, so that their prefix outputs are reused
+
+        def compute(data: Encoded) -> np.ndarray:
+            model = _load_torch(artifact)
+            if reach is not None:
+                from pipeline.stages.prune import set_trainable_split
+
+                set_trainable_split(model, text_layers=reach.text_layers, image_blocks=reach.image_blocks)
+            return predict_logits(model, data, batch, self.prefix_cache, desc=f"  measuring torch on {split}")
+
+        return self._stored_logits(artifact, split, {"batch": batch, "frozen_prefix": "cached"}, compute)
+
+    def _stored_logits(self, artifact: Artifact, split: str, how: dict, compute: Callable[[Encoded], np.ndarray]) -> np.ndarray:
+        key = sha256_bytes(f"{artifact.sha256}|{self.splits.fingerprint(split)}|{artifact.kind}|{canonical_json(how)}".encode())
+        logits = self.store.cached_array(key)
+        if logits is None:
+            logits = compute(self.splits.get(split))
             self.store.save_array(key, logits)
         return logits
 
@@ -176,10 +199,9 @@ class Conductor:
         """Distillation from the reference: its train-split logits as teacher, stop once calib accuracy is safely inside the gate."""
         from pipeline.stages.recovery import Recovery
 
-        run = lambda: TorchRunner(_load_torch(reference))
-        teacher = self.outputs(reference, run, split="train")
+        teacher = self.torch_outputs(reference, split="train")
         calib = self.splits.get("calib")
-        reference_accuracy = float(np.mean(self.outputs(reference, run, split="calib").argmax(1) == calib.labels))
+        reference_accuracy = float(np.mean(self.torch_outputs(reference, split="calib").argmax(1) == calib.labels))
         # Half the gate's budget on calib: the eval gate is then checked on unseen samples, with room for quantization.
         margin = (gate.max_drop_pts if gate.max_drop_pts is not None else 1.0) / 2 / 100
         return Recovery(self.splits.get("train"), calib, teacher, reference_accuracy - margin,
@@ -219,11 +241,11 @@ def source_stage(c: Conductor, dataset: Dataset) -> Artifact:
     settings = source_settings(config.model, dataset, config.fusion, config.train, config.weights)
     input_sha = dataset.fingerprint if config.weights is None else sha256_file(config.weights)
     if config.weights is None:
-        produce = lambda wd: train_source(config.model, dataset, config.fusion, config.train, c.splits, wd)
+        produce = lambda wd: train_source(config.model, dataset, config.fusion, config.train, c.splits, wd, c.prefix_cache)
     else:
         produce = lambda wd: load_source(config.model, dataset, config.fusion, config.weights, wd)
     artifact, cached, wall = c.run_stage("source", settings, input_sha, produce)
-    logits = c.outputs(artifact, lambda: TorchRunner(_load_torch(artifact)))
+    logits = c.torch_outputs(artifact)
     c.record("source", artifact, cached, wall, settings, logits, gate=None, facts=dict(artifact.meta), footprint=c.footprint(artifact))
     return artifact
 
@@ -253,7 +275,7 @@ def prune_stage(c: Conductor, model: Artifact, reference: Artifact, spec: InputS
     recovery = lambda: c.recovery(reference, gate, compression.recovery_epochs, compression.recovery_lr)
     artifact, cached, wall = c.run_stage("prune", settings, model.sha256,
                                          lambda wd: p.prune_stage(model, compression, spec, recovery(), c.probe(), wd))
-    logits = c.outputs(artifact, lambda: TorchRunner(_load_torch(artifact)))
+    logits = c.torch_outputs(artifact, reach=compression)
     c.record("prune", artifact, cached, wall, settings, logits, gate, dict(artifact.meta), c.footprint(artifact))
     return artifact
 
@@ -271,7 +293,7 @@ def factorize_stage(c: Conductor, model: Artifact, reference: Artifact, spec: In
     recovery = lambda: c.recovery(reference, gate, compression.recovery_epochs, lr)
     artifact, cached, wall = c.run_stage("factorize", settings, model.sha256,
                                          lambda wd: f.factorize_stage(model, compression, spec, recovery(), c.probe(), wd))
-    logits = c.outputs(artifact, lambda: TorchRunner(_load_torch(artifact)))
+    logits = c.torch_outputs(artifact, reach=compression)
     c.record("factorize", artifact, cached, wall, settings, logits, gate, dict(artifact.meta), c.footprint(artifact))
     return artifact
 
@@ -298,7 +320,7 @@ def quantize_stage(c: Conductor, fp32: Artifact, torch_artifact: Artifact, calib
     def produce(workdir: Path) -> Artifact:
         calib = c.splits.get(calibration.split).select_ids(calibration.ids)
         # The fallback tunes on the calib split, never on eval, so the eval gate stays an honest check.
-        reference = c.outputs(torch_artifact, lambda: TorchRunner(_load_torch(torch_artifact)), split="calib")
+        reference = c.torch_outputs(torch_artifact, split="calib", reach=target.compression)
         evaluator = q.make_evaluator(c.splits.get("calib"), reference, target.gates.quantize)
         return q.quantize(fp32, calib, target.quantize, workdir, evaluator=evaluator)
 

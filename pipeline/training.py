@@ -156,14 +156,28 @@ def _batches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Te
         yield order[start:start + size]
 
 
-def evaluate_accuracy(model: nn.Module, features: _Features, batch_size: int) -> float:
+def _logits_in_order(model: nn.Module, features: _Features, batch_size: int) -> torch.Tensor:
     model.eval()
-    correct = 0
     with torch.inference_mode():
-        for start in range(0, len(features), batch_size):
-            index = torch.arange(start, min(start + batch_size, len(features)))
-            correct += int((features.logits(model, index).argmax(1) == features.labels[index]).sum())
-    return correct / max(len(features), 1)
+        return torch.cat([features.logits(model, torch.arange(start, min(start + batch_size, len(features))))
+                          for start in range(0, len(features), batch_size)])
+
+
+def evaluate_accuracy(model: nn.Module, features: _Features, batch_size: int) -> float:
+    logits = _logits_in_order(model, features, batch_size)
+    return int((logits.argmax(1) == features.labels).sum()) / max(len(features), 1)
+
+
+def predict_logits(model: nn.Module, data: Encoded, batch_size: int, cache: PrefixCache | None = None,
+                   desc: str = "predicting") -> np.ndarray:
+    """The model's logits on every sample of data, in order, as float32.
+
+    A model with a frozen prefix runs its suffix on the prefix outputs, from
+    cache when a training or an earlier stage of the same build computed them
+    for this data and batch size: the model's own forward, split in two, without
+    running the early high-resolution blocks again for every stage and split.
+    """
+    return _logits_in_order(model, _Features(model, data, batch_size, desc, cache), batch_size).float().numpy()
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, settings: TrainSettings) -> torch.Tensor:

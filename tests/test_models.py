@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.encode import InputSpec, encode_texts
+from pipeline.data.encode import Encoded, InputSpec, encode_texts
 from pipeline.models import build_model, default_config
 from pipeline.models.fusion import FUSIONS
 from pipeline.models.text import TextConfig, TextEncoder, load_minilm_weights, minilm_dir
 from pipeline.runners import OrtRunner, TorchRunner
 from pipeline.stages.export import example_inputs, export_onnx
+from pipeline.training import PrefixCache, predict_logits
 
 
 def test_text_encoder_reproduces_minilm_sentence_embeddings():
@@ -33,6 +34,26 @@ def test_prefix_then_suffix_is_the_whole_encoder():
     ids = torch.randint(0, 100, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.int64)
     assert torch.equal(encoder(ids, mask), encoder.suffix(encoder.prefix(ids, mask), mask))
+
+
+def test_predict_logits_is_the_forward_and_reuses_cached_prefix_outputs():
+    config = default_config("fused-tiny", 5)
+    torch.manual_seed(0)
+    model = build_model(config, pretrained=False).eval()
+    model.text_encoder.split_at = 1  # embeddings and the first layer become a frozen prefix
+    inputs = dict(zip(("image", "input_ids", "attention_mask"), example_inputs(config.input_spec(), batch=10)))
+    data = Encoded(ids=tuple(map(str, range(10))), inputs={k: v.numpy() for k, v in inputs.items()}, labels=np.zeros(10, dtype=np.int64))
+    cache = PrefixCache()
+    logits = predict_logits(model, data, batch_size=4, cache=cache)
+    with torch.inference_mode():
+        expected = model(**inputs).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert predict_logits(model, data, batch_size=4, cache=cache).tobytes() == logits.tobytes() and cache.hits == 1
+    trained = {id(p) for module in model.text_encoder.suffix_modules() for p in module.parameters()}
+    frozen = next(p for p in model.text_encoder.parameters() if id(p) not in trained)
+    with torch.no_grad():
+        frozen.mul_(2.0)  # a changed prefix is recomputed, never served stale
+    assert not np.allclose(predict_logits(model, data, batch_size=4, cache=cache), logits) and cache.hits == 1
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)

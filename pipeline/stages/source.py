@@ -23,7 +23,7 @@ from pipeline.models.checkpoint import (describe_registry_model, describe_user_m
                                         read_state_dict, save_torch_artifact)
 from pipeline.models.user import build_user_model, is_factory_reference
 from pipeline.store import artifact_digest
-from pipeline.training import TrainSettings, train
+from pipeline.training import PrefixCache, TrainSettings, train
 
 ARTIFACT_DIR = "torch"
 
@@ -77,11 +77,16 @@ def _finish(model: nn.Module, description: dict, workdir: Path, meta: dict) -> A
                     meta={"params": parameter_count(model), "input_spec": description["input_spec"], **meta})
 
 
-def train_source(model_name: str, dataset: Dataset, fusion: str | None, settings: TrainSettings, splits: Any, workdir: Path) -> Artifact:
-    """Train (seeded); keep the checkpoint with the best accuracy on the calib split."""
+def train_source(model_name: str, dataset: Dataset, fusion: str | None, settings: TrainSettings, splits: Any, workdir: Path,
+                 prefix_cache: PrefixCache | None = None) -> Artifact:
+    """Train (seeded); keep the checkpoint with the best accuracy on the calib split.
+
+    prefix_cache keeps the frozen prefix's outputs for the build's later uses
+    of this model (its logits on train and calib are the teacher of recovery).
+    """
     torch.manual_seed(settings.seed)
     model, description = _describe_and_build(model_name, dataset, fusion, pretrained=True)
-    model, report = train(model, splits.get("train"), splits.get("calib"), settings, desc="train")
+    model, report = train(model, splits.get("train"), splits.get("calib"), settings, desc="train", prefix_cache=prefix_cache)
     meta = {"trained": {"epochs_run": report.epochs_run, "best_epoch": report.best_epoch, "val_accuracy": report.best_val_accuracy,
                         "history": [list(h) for h in report.history]}}
     return _finish(model, description, workdir, meta)
