@@ -1,4 +1,4 @@
-"""Command line: build, targets, and the on-device commands (engine, verify, inspect)."""
+"""Command line: build, targets, bench, and the on-device commands (engine, verify, inspect)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,15 @@ def _build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--json", action="store_true", help="print as JSON")
     targets.set_defaults(func=targets_command)
 
+    bench = sub.add_parser("bench", help="time a build's reference FP32 export, FP32 export and INT8 model side by side with ONNX Runtime on this CPU")
+    bench.add_argument("--out", type=Path, default=None, help="the build's output directory (default: out/<target name>)")
+    bench.add_argument("--target", default=DEFAULT_TARGET, help="target whose default output directory to read when --out is not given (default: jetson)")
+    bench.add_argument("--rounds", type=int, default=15, help="rounds of turns (default: 15)")
+    bench.add_argument("--runs", type=int, default=10, help="timed runs per file, batch size and round; their median is the round's figure (default: 10)")
+    bench.add_argument("--warmup", type=float, default=0.2, help="seconds of untimed runs before each turn (default: 0.2)")
+    bench.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: 2)")
+    bench.set_defaults(func=bench_command)
+
     device_commands.register(sub)
     return parser
 
@@ -107,6 +116,24 @@ def _print_result(manifest: dict[str, Any] | None, as_json: bool) -> None:
     if manifest is None:
         return
     print(json.dumps(summary(manifest), indent=2) if as_json else summary_table(manifest))
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    import onnxruntime
+
+    from pipeline.bench import bench
+    from pipeline.side_by_side import Timing, latency_table
+    from pipeline.targets import resolve_target
+
+    out = args.out or Path("out") / resolve_target(args.target).name
+    timing = Timing(rounds=args.rounds, runs=args.runs, warmup_s=args.warmup, threads=args.threads)
+    result = bench(out, timing)
+    print(f"{out}: ONNX Runtime {onnxruntime.__version__}, CPU, {timing.threads} threads, side by side: {timing.rounds} rounds of turns, "
+          f"{timing.runs} timed runs per turn after {timing.warmup_s:g} s of warm-up; median over rounds\n")
+    print(latency_table(result.latencies, result.labels))
+    if result.note:
+        print(f"\nnote: {result.note}")
+    return 0
 
 
 def targets_command(args: argparse.Namespace) -> int:

@@ -85,6 +85,22 @@ def test_every_stage_reports_what_it_costs(built):
     assert depth["layers_before"] == 2 and depth["layers_after"] == 1 and len(depth["rounds"][0]) == 2
 
 
+def test_bench_times_the_reference_export_and_the_builds_files_side_by_side(built, capsys):
+    work, _, result = built
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = lambda: {p: p.stat().st_mtime_ns for p in (work / "out").rglob("*") if p.is_file()}
+    before = files()
+    assert main(["bench", "--out", str(work / "out"), "--rounds", "1", "--runs", "2", "--warmup", "0"]) == 0
+    printed = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in printed.splitlines() if line.startswith("| ") and " | " in line}
+    reference, fp32, int8 = (rows[label] for label in ("source model, FP32 export (reference)", "export stage, FP32",
+                                                          "quantize stage, INT8 (tensorrt form)"))
+    assert reference[2] == "1.00" and all(float(row[1]) > 0 and float(row[3].rstrip(" |")) > 0 for row in (reference, fp32, int8))
+    assert float(int8[0]) < float(fp32[0]) < float(reference[0])  # MB: quantized < compressed < reference
+    assert "TensorRT's Q/DQ form" in printed  # the CPU figure of a TensorRT-form file comes with its caveat
+    assert files() == before  # bench reads the build, it writes nothing into it
+
+
 def test_rebuild_is_served_from_the_cache_with_the_same_bytes(built):
     work, args, first = built
     again = run_cli(*args, cwd=work)
@@ -151,6 +167,11 @@ def test_failed_gate_exits_3_names_the_stage_and_still_writes_the_ledger(built, 
 def _error_of(capsys, *argv: str) -> tuple[int, str]:
     code = main(list(argv))
     return code, capsys.readouterr().err
+
+
+def test_bench_without_a_build(capsys, tmp_path):
+    code, err = _error_of(capsys, "bench", "--out", str(tmp_path / "nothing-built"))
+    assert code == 2 and "nothing-built/manifest.json: not found" in err
 
 
 def test_unknown_target(capsys, tmp_path):
