@@ -9,13 +9,13 @@ nothing in the directory.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
+from pipeline.report import read_manifest
 from pipeline.side_by_side import Latency, Timing, time_side_by_side
 
 
@@ -24,16 +24,6 @@ class BenchResult:
     labels: tuple[str, ...]
     latencies: tuple[Latency, ...]
     note: str | None  # what the INT8 file's CPU latency does not say
-
-
-def _read_manifest(out: Path) -> dict[str, Any]:
-    path = out / "manifest.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found; build first (python -m pipeline build --out {out})") from None
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: not a readable manifest ({error})") from None
 
 
 def _stage_file(out: Path, manifest: dict[str, Any], name: str, kind: str) -> Path:
@@ -51,7 +41,7 @@ def bench(out: Path, timing: Timing) -> BenchResult:
     from pipeline.models.checkpoint import input_spec_of, load_torch_artifact, read_description
     from pipeline.stages.export import export_onnx
 
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out)
     source = _stage_file(out, manifest, "source", "torch")
     fp32 = _stage_file(out, manifest, "export", "onnx")
     int8 = _stage_file(out, manifest, "quantize", "onnx")

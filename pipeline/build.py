@@ -30,8 +30,9 @@ from pipeline.data.encode import Encoded, InputSpec, encode
 from pipeline.errors import EngineRequired, GateFailed
 from pipeline.footprint import Footprint, onnx_footprint, torch_footprint
 from pipeline.parity import Gate, ParityRow, check_gate, parity_row
+from pipeline.report import report_markdown
 from pipeline.runners import OrtRunner, Runner, run_batches
-from pipeline.store import Store, atomic_write_json, cache_key, canonical_json, sha256_bytes, sha256_file
+from pipeline.store import Store, atomic_write_json, atomic_write_text, cache_key, canonical_json, sha256_bytes, sha256_file
 from pipeline.targets import Compression, Target
 from pipeline.training import PrefixCache, TrainSettings, predict_logits
 
@@ -448,6 +449,7 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
         finally:
             manifest = make_manifest(config, versions, dataset, calibration, conductor, engine, compression, failure, time.perf_counter() - started)
             atomic_write_json(store.root / "manifest.json", manifest)
+            atomic_write_text(store.root / "report.md", report_markdown(manifest))
     return manifest
 
 

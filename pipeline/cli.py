@@ -1,4 +1,4 @@
-"""Command line: build, targets, bench, and the on-device commands (engine, verify, inspect)."""
+"""Command line: build, targets, report, bench, and the on-device commands (engine, verify, inspect)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,12 @@ def _build_parser() -> argparse.ArgumentParser:
     targets = sub.add_parser("targets", help="list the deploy targets with their TensorRT version, compute capability and DLA cores")
     targets.add_argument("--json", action="store_true", help="print as JSON")
     targets.set_defaults(func=targets_command)
+
+    report = sub.add_parser("report", help="print a build's ledger again from its manifest.json (report.md holds the same)")
+    report.add_argument("--out", type=Path, default=None, help="the build's output directory (default: out/<target name>)")
+    report.add_argument("--target", default=DEFAULT_TARGET, help="target whose default output directory to read when --out is not given (default: jetson)")
+    report.add_argument("--json", action="store_true", help="print the manifest summary as JSON instead of the table")
+    report.set_defaults(func=report_command)
 
     bench = sub.add_parser("bench", help="time a build's reference FP32 export, FP32 export and INT8 model side by side with ONNX Runtime on this CPU")
     bench.add_argument("--out", type=Path, default=None, help="the build's output directory (default: out/<target name>)")
@@ -118,14 +124,26 @@ def _print_result(manifest: dict[str, Any] | None, as_json: bool) -> None:
     print(json.dumps(summary(manifest), indent=2) if as_json else summary_table(manifest))
 
 
+def _out_dir(args: argparse.Namespace) -> Path:
+    from pipeline.targets import resolve_target
+
+    return args.out or Path("out") / resolve_target(args.target).name
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from pipeline.report import read_manifest
+
+    _print_result(read_manifest(_out_dir(args)), args.json)
+    return 0
+
+
 def bench_command(args: argparse.Namespace) -> int:
     import onnxruntime
 
     from pipeline.bench import bench
     from pipeline.side_by_side import Timing, latency_table
-    from pipeline.targets import resolve_target
 
-    out = args.out or Path("out") / resolve_target(args.target).name
+    out = _out_dir(args)
     timing = Timing(rounds=args.rounds, runs=args.runs, warmup_s=args.warmup, threads=args.threads)
     result = bench(out, timing)
     print(f"{out}: ONNX Runtime {onnxruntime.__version__}, CPU, {timing.threads} threads, side by side: {timing.rounds} rounds of turns, "

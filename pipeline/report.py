@@ -1,8 +1,40 @@
-"""Human and machine summaries of a manifest: the one-screen ledger table."""
+"""Human and machine summaries of a manifest: the one-screen ledger table and report.md."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+from pipeline.errors import InputError
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    """The manifest.json a build wrote into out, or an error naming the file."""
+    path = Path(out) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found; build first (python -m pipeline build --out {out})") from None
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not a readable manifest ({error})") from None
+
+
+def report_markdown(manifest: dict[str, Any]) -> str:
+    """report.md: what a reader of a CI artifact needs first, from the manifest beside it."""
+    target, data, versions = manifest["target"], manifest["data"], manifest.get("versions", {})
+    splits = ", ".join(f"{name} {size}" for name, size in data.get("splits", {}).items())
+    calibration = data.get("calibration") or {}
+    lines = [
+        f"# edgepipe build: {target['name']} ({manifest['status']})", "",
+        f"- target: {target.get('description', target['name'])}",
+        f"- data: {data.get('dataset')} ({splits}); calibration set {calibration.get('name')} ({calibration.get('size')} samples, "
+        f"sha256 {str(calibration.get('sha256'))[:12]})",
+        "- versions: " + ", ".join(f"{name} {versions[name]}" for name in ("torch", "onnx", "onnxruntime", "tensorrt") if name in versions),
+        "- every figure below is in manifest.json beside this file; parity is measured against the source model on the eval split",
+        "", "```text", summary_table(manifest), "```", "",
+    ]
+    return "\n".join(lines)
 
 
 def _fmt(value: Any, spec: str) -> str:

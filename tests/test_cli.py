@@ -85,6 +85,19 @@ def test_every_stage_reports_what_it_costs(built):
     assert depth["layers_before"] == 2 and depth["layers_after"] == 1 and len(depth["rounds"][0]) == 2
 
 
+def test_report_md_and_the_report_command_show_the_ledger(built, capsys):
+    work, _, result = built
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((work / "out" / "manifest.json").read_text())
+    report = (work / "out" / "report.md").read_text()
+    assert report.startswith(f"# edgepipe build: {manifest['target']['name']} (ok)")
+    assert summary_table(manifest) in report
+    assert main(["report", "--out", str(work / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() == summary_table(manifest).strip()
+    assert all(f"\n{name} " in printed for name in STAGES)
+
+
 def test_bench_times_the_reference_export_and_the_builds_files_side_by_side(built, capsys):
     work, _, result = built
     assert result.returncode == 0, result.stderr[-3000:]
@@ -159,6 +172,7 @@ def test_failed_gate_exits_3_names_the_stage_and_still_writes_the_ledger(built, 
     manifest = json.loads((work / "out" / "manifest.json").read_text())
     assert manifest["status"] == "failed"
     assert [s["name"] for s in manifest["stages"]] == STAGES
+    assert "(failed)" in (work / "out" / "report.md").read_text().splitlines()[0]  # report.md follows the manifest
 
 
 # ---------------------------------------------------------------- bad input: clear error, non-zero exit
@@ -169,8 +183,9 @@ def _error_of(capsys, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_bench_without_a_build(capsys, tmp_path):
-    code, err = _error_of(capsys, "bench", "--out", str(tmp_path / "nothing-built"))
+@pytest.mark.parametrize("command", ["bench", "report"])
+def test_reading_a_build_that_is_not_there(capsys, tmp_path, command):
+    code, err = _error_of(capsys, command, "--out", str(tmp_path / "nothing-built"))
     assert code == 2 and "nothing-built/manifest.json: not found" in err
 
 
