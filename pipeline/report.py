@@ -144,7 +144,7 @@ def reused_latency_lines(stages: list[dict[str, Any]]) -> list[str]:
         return []
     return [f"latency: b1/b16 ms of {', '.join(reused)} were measured by the earlier build that made "
             f"{'that artifact' if len(reused) == 1 else 'those artifacts'}; ratios between runs mix machine states "
-            "(time files side by side: python benchmarks/cpu_latency.py REFERENCE.onnx OTHER.onnx ...)"]
+            "(time a build's files side by side: python -m pipeline bench --out DIR)"]
 
 
 def depth_lines(stages: list[dict[str, Any]]) -> list[str]:

@@ -6,7 +6,8 @@ mix machine states. Here every file gets its own session (2 threads, ONNX
 Runtime's default optimizations) and the files take turns, round after round:
 machine noise falls on all of them alike. Each turn starts with untimed
 warm-up runs, because right after a switch the first few batch-1 runs take
-3-4x as long (the previous session's threads and caches).
+3-4x as long (measured, BENCHMARKS.md; the cause was not pinned down: turning
+ONNX Runtime's thread spinning off did not remove it).
 """
 
 from __future__ import annotations
