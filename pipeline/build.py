@@ -29,7 +29,8 @@ from pipeline.data.calibration import CalibrationSet, load_calibration_set
 from pipeline.data.encode import Encoded, InputSpec, encode
 from pipeline.errors import EngineRequired, GateFailed
 from pipeline.footprint import Footprint, onnx_footprint, torch_footprint
-from pipeline.parity import Gate, ParityRow, check_gate, parity_row
+from pipeline.kernels import kernel_facts, kernel_signature
+from pipeline.parity import Gate, ParityRow, check_gate, parity_row, unresolved_budget
 from pipeline.report import report_markdown
 from pipeline.runners import OrtRunner, Runner, run_batches
 from pipeline.store import Store, atomic_write_json, atomic_write_text, cache_key, canonical_json, sha256_bytes, sha256_file
@@ -42,6 +43,11 @@ if TYPE_CHECKING:
 MANIFEST_SCHEMA = 1
 GOLDEN_SAMPLES = 128
 SENSITIVITY_SAMPLES = 64
+# Which artifacts' bytes may differ between CPU kinds (issue 11's AVX-512 Xeon and AVX2 EPYC, kernels unpinned):
+# the source's did not; prune's recovery (EfficientNet blocks trained through oneDNN) did, and so everything after it.
+CPU_DEPENDENT = {"measured": "source identical (sha256 06bff00a...), prune differed, on an AVX-512 Xeon and an AVX2 EPYC, kernels unpinned",
+                 "stages": ["prune", "factorize", "export", "quantize"],
+                 "pinned_kernels": "expected to remove the difference (same kernel path), not yet compared across machines"}
 VERSIONED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxscript", "numpy", "transformers", "torch-pruning", "tensorrt")
 
 
@@ -74,6 +80,7 @@ class StageResult:
     # the footprint came from the store, measured by the earlier build that made the artifact:
     # its latency is not side by side with the stages measured in this build
     footprint_reused: bool = False
+    resolution: str | None = None  # set when the eval set is too small to resolve the gate's accuracy budget
 
     def to_json(self, root: Path) -> dict[str, Any]:
         return {
@@ -88,6 +95,7 @@ class StageResult:
             "facts": self.facts,
             "footprint": self.footprint.to_json() if self.footprint else None,
             "footprint_reused": self.footprint_reused,
+            "resolution": self.resolution,
         }
 
 
@@ -95,8 +103,9 @@ def size_of(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def tool_versions() -> dict[str, str]:
-    versions = {"edgepipe": __version__, "python": platform.python_version()}
+def tool_versions(kernels: dict[str, Any]) -> dict[str, str]:
+    """The versions (and the kernel path) artifacts depend on: part of every stage's cache key."""
+    versions = {"edgepipe": __version__, "python": platform.python_version(), "kernels": kernel_signature(kernels)}
     for package in VERSIONED_PACKAGES:
         try:
             versions[package] = importlib.metadata.version(package)
@@ -196,17 +205,15 @@ class Conductor:
         self.store.save_json(key, found.to_json())
         return found
 
-    def recovery(self, reference: Artifact, gate: Gate, epochs: int, lr: float) -> Recovery:
-        """Distillation from the reference: its train-split logits as teacher, stop once calib accuracy is safely inside the gate."""
+    def recovery(self, reference: Artifact, epochs: int, lr: float) -> Recovery:
+        """Distillation from the reference model on the train split, checkpoints chosen by fidelity on calib."""
         from pipeline.stages.recovery import Recovery
 
-        teacher = self.torch_outputs(reference, split="train")
-        calib = self.splits.get("calib")
-        reference_accuracy = float(np.mean(self.torch_outputs(reference, split="calib").argmax(1) == calib.labels))
-        # Half the gate's budget on calib: the eval gate is then checked on unseen samples, with room for quantization.
-        margin = (gate.max_drop_pts if gate.max_drop_pts is not None else 1.0) / 2 / 100
-        return Recovery(self.splits.get("train"), calib, teacher, reference_accuracy - margin,
-                        dataclasses.replace(self.config.train, epochs=epochs, encoder_lr=lr), self.prefix_cache)
+        compression = self.config.target.compression
+        seed = self.config.train.seed if compression.recovery_seed is None else compression.recovery_seed
+        return Recovery(self.splits.get("train"), self.splits.get("calib"), _load_torch(reference),
+                        dataclasses.replace(self.config.train, epochs=epochs, encoder_lr=lr, seed=seed),
+                        compression.recovery_patience, compression.recovery_mixed, self.prefix_cache)
 
     def probe(self) -> Encoded:
         """The samples sensitivity is measured on: the first of the calib split (never eval)."""
@@ -224,8 +231,12 @@ class Conductor:
             previous = next(reversed(self.logits.values()), logits)
             row = parity_row(name, logits, reference, previous, self.labels())
             self.logits[name] = logits
+        resolution = unresolved_budget(gate, row) if row is not None and gate is not None else None
+        if resolution:
+            self.say(f"  note: {resolution}")
         self.results.append(StageResult(name, artifact, cached, wall_s, settings, row, gate, facts or {}, footprint,
-                                        footprint_reused=footprint is not None and artifact.sha256 in self.reused_footprints))
+                                        footprint_reused=footprint is not None and artifact.sha256 in self.reused_footprints,
+                                        resolution=resolution))
         if row is not None and gate is not None:
             violations = check_gate(gate, row)
             if violations:
@@ -257,12 +268,13 @@ def _load_torch(artifact: Artifact):
     return load_torch_artifact(artifact.path)
 
 
-def compression_settings(c: Conductor, reference: Artifact, gate: Gate) -> dict[str, Any]:
+def compression_settings(c: Conductor, reference: Artifact) -> dict[str, Any]:
     """What both structural stages' outputs depend on besides their own settings: reach, recovery, data, teacher."""
     compression = c.config.target.compression
     return {"reach": {"image_blocks": compression.image_blocks, "text_layers": compression.text_layers},
             "recovery": {"epochs": compression.recovery_epochs, "lr": compression.recovery_lr, "train": dataclasses.asdict(c.config.train),
-                         "max_drop_pts": gate.max_drop_pts},  # what recovery's early stop reads of the gate
+                         "patience": compression.recovery_patience, "mixed": compression.recovery_mixed, "seed": compression.recovery_seed,
+                         "selection": "calib KL to the teacher"},
             "data": {split: c.splits.fingerprint(split) for split in ("train", "calib")}, "reference": reference.sha256}
 
 
@@ -272,8 +284,8 @@ def prune_stage(c: Conductor, model: Artifact, reference: Artifact, spec: InputS
     compression, gate = c.config.target.compression, c.config.target.gates.prune
     settings = {**p.prune_settings(compression, compression.importance, "trainable"), "allocate": compression.allocate,
                 "budget_macs": compression.budget_macs,
-                **compression_settings(c, reference, gate)}
-    recovery = lambda: c.recovery(reference, gate, compression.recovery_epochs, compression.recovery_lr)
+                **compression_settings(c, reference)}
+    recovery = lambda: c.recovery(reference, compression.recovery_epochs, compression.recovery_lr)
     artifact, cached, wall = c.run_stage("prune", settings, model.sha256,
                                          lambda wd: p.prune_stage(model, compression, spec, recovery(), c.probe(), wd))
     logits = c.torch_outputs(artifact, reach=compression)
@@ -290,8 +302,8 @@ def factorize_stage(c: Conductor, model: Artifact, reference: Artifact, spec: In
     lr = c.config.train.encoder_lr
     settings = {**f.factorize_settings(compression.factorize_energy, scope="trainable", embeddings=compression.embedding_energy is not None,
                                        embedding_energy=compression.embedding_energy),
-                "embedding_weights": "train-split token frequency + 0.2 uniform", **compression_settings(c, reference, gate), "recovery_lr": lr}
-    recovery = lambda: c.recovery(reference, gate, compression.recovery_epochs, lr)
+                "embedding_weights": "train-split token frequency + 0.2 uniform", **compression_settings(c, reference), "recovery_lr": lr}
+    recovery = lambda: c.recovery(reference, compression.recovery_epochs, lr)
     artifact, cached, wall = c.run_stage("factorize", settings, model.sha256,
                                          lambda wd: f.factorize_stage(model, compression, spec, recovery(), c.probe(), wd))
     logits = c.torch_outputs(artifact, reach=compression)
@@ -424,7 +436,8 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
     store = Store(config.out)
     started = time.perf_counter()
     with store.lock():
-        versions = tool_versions()
+        machine = kernel_facts()
+        versions = tool_versions(machine)
         dataset = load_dataset(config.data)
         calibration = load_calibration_set(config.target.quantize.calibration, dataset)
         spec = model_input_spec(config.model, dataset, config.fusion, config.weights)
@@ -447,13 +460,14 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
             failure = str(error)
             raise
         finally:
-            manifest = make_manifest(config, versions, dataset, calibration, conductor, engine, compression, failure, time.perf_counter() - started)
+            manifest = make_manifest(config, versions, machine, dataset, calibration, conductor, engine, compression, failure,
+                                     time.perf_counter() - started)
             atomic_write_json(store.root / "manifest.json", manifest)
             atomic_write_text(store.root / "report.md", report_markdown(manifest))
     return manifest
 
 
-def make_manifest(config: BuildConfig, versions: dict, dataset: Dataset, calibration: CalibrationSet, c: Conductor,
+def make_manifest(config: BuildConfig, versions: dict, machine: dict, dataset: Dataset, calibration: CalibrationSet, c: Conductor,
                   engine: dict, compression: dict, failure: str | None, wall_s: float) -> dict[str, Any]:
     root = c.store.root
     return {
@@ -461,6 +475,7 @@ def make_manifest(config: BuildConfig, versions: dict, dataset: Dataset, calibra
         "status": "failed" if failure else ("ok" if c.results else "error"),
         "failure": failure,
         "versions": versions,
+        "machine": {**machine, "cpu_dependent": CPU_DEPENDENT},
         "target": config.target.to_json(),
         "config": {
             "model": config.model, "data": config.data, "weights": str(config.weights) if config.weights else None,

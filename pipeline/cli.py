@@ -43,6 +43,9 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--factorize-energy", type=float, default=None, metavar="E", help="low-rank factorize Linear/1x1 conv layers keeping this spectral energy (default: the target's)")
     build.add_argument("--embedding-energy", type=float, default=None, metavar="E", help="factorize the token embedding keeping this spectral energy (default: the target's)")
     build.add_argument("--recovery-epochs", type=int, default=None, metavar="N", help="distillation epochs after each structural stage (default: the target's)")
+    build.add_argument("--recovery-seed", type=int, default=None, metavar="N", help="seed of the recovery trainings (default: the target's compression.recovery_seed, else --seed); the source model stays cached")
+    build.add_argument("--gate-mode", choices=("point", "confidence"), default=None,
+                       help="judge every accuracy gate on the drop's point estimate or on the upper bound of its 95%% interval (default: each gate's own mode)")
     build.add_argument("--no-compression", action="store_true", help="skip the prune and factorize stages (export the trained model as it is)")
     build.add_argument("--no-latency", action="store_true", help="skip timing every stage's ONNX with ONNX Runtime (params and MACs are still counted)")
     build.add_argument("--simplifier", choices=("onnxsim", "none"), default="onnxsim", help="ONNX graph simplifier after export (default: onnxsim)")
@@ -85,6 +88,8 @@ def build_command(args: argparse.Namespace) -> int:
         "compression.prune_image": args.prune_image, "compression.prune_text": args.prune_text, "compression.prune_fusion": args.prune_fusion,
         "compression.factorize_energy": args.factorize_energy, "compression.embedding_energy": args.embedding_energy,
         "compression.recovery_epochs": args.recovery_epochs, "compression.text_depth": args.text_depth,
+        "compression.recovery_seed": args.recovery_seed,
+        **({f"gates.{name}.mode": args.gate_mode for name in ("prune", "factorize", "quantize")} if args.gate_mode else {}),
     })
     if args.no_compression:
         target = dataclasses.replace(target, compression=Compression())
@@ -173,7 +178,17 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline.kernels import pin_kernels
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from installed packages, never a hub
+    # OpenMP threads that spin while waiting make torch 10-30x slower as soon as another process
+    # competes for the cores (CI runners, shared dev boxes); passive waiting costs little when idle.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        pin_kernels()  # before anything imports torch: the same kernel path on AVX2 and AVX-512 machines
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:

@@ -45,6 +45,10 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
+def _interval(bounds: list[float] | None, spec: str) -> str:
+    return "-" if not bounds else f"{format(bounds[0], spec)}..{format(bounds[1], spec)}"
+
+
 def _mb(size: int | None) -> str:
     return "-" if size is None else f"{size / 1e6:.1f}"
 
@@ -58,7 +62,8 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
         "wall_s": manifest["wall_s"],
         "stages": [
             {"name": s["name"], "path": s["artifact"]["path"], "sha256": s["artifact"]["sha256"], "size_bytes": s["size_bytes"],
-             "cached": s["cached"], "wall_s": s["wall_s"], "parity": s["parity"], "footprint": s.get("footprint")}
+             "cached": s["cached"], "wall_s": s["wall_s"], "parity": s["parity"], "footprint": s.get("footprint"),
+             "resolution": s.get("resolution")}
             for s in manifest["stages"]
         ],
         "compression": manifest.get("compression"),
@@ -76,7 +81,7 @@ def _share(value: int | None, reference: int | None) -> str:
 
 
 def summary_table(manifest: dict[str, Any]) -> str:
-    header = ["stage", "acc", "Δpts", "agree", "cos min", "max|Δ|", "SQNR dB", "params M", "MACs M", "ONNX MB", "b1 ms", "b16 ms", "time s", "cached"]
+    header = ["stage", "acc", "Δpts", "Δ 95% CI", "fix/brk", "agree", "agree 95%", "cos min", "max|Δ|", "SQNR dB", "params M", "MACs M", "ONNX MB", "b1 ms", "b16 ms", "time s", "cached"]
     rows = []
     stages = manifest["stages"]
     reference = (stages[0].get("footprint") or {}) if stages else {}
@@ -86,8 +91,10 @@ def summary_table(manifest: dict[str, Any]) -> str:
         cost = stage.get("footprint") or {}
         params, macs = (cost.get("params") or {}).get("total"), (cost.get("macs") or {}).get("total")
         latency = cost.get("latency_ms") or {}
+        pair = (p.get("paired") or {}) if stage is not stages[0] else {}  # the source compared with itself has nothing to resolve
         rows.append([
-            stage["name"], _fmt(p.get("accuracy"), ".4f"), _fmt(p.get("delta_pts"), "+.2f"), _fmt(ref.get("agreement"), ".4f"),
+            stage["name"], _fmt(p.get("accuracy"), ".4f"), _fmt(p.get("delta_pts"), "+.2f"), _interval(pair.get("delta_ci_pts"), "+.2f"),
+            f"{pair['fixed']}/{pair['broken']}" if pair else "-", _fmt(ref.get("agreement"), ".4f"), _interval(pair.get("agreement_ci"), ".3f"),
             _fmt(ref.get("cosine_min"), ".4f"), _fmt(ref.get("max_abs_error"), ".2e"), _fmt(ref.get("sqnr_db"), ".1f"),
             "-" if params is None else f"{_millions(params)} ({_share(params, (reference.get('params') or {}).get('total'))})",
             "-" if macs is None else f"{_millions(macs)} ({_share(macs, (reference.get('macs') or {}).get('total'))})",
@@ -98,6 +105,10 @@ def summary_table(manifest: dict[str, Any]) -> str:
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     out = [f"target {manifest['target']['name']}  status {manifest['status']}  wall {manifest['wall_s']:.1f} s  (vs the source model on {manifest['data']['splits'].get('eval', '?')} eval samples)",
            line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    out.append("Δ 95% CI: paired interval of the accuracy change vs the source (points); fix/brk: eval samples the stage made right / wrong; "
+               "agree 95%: Wilson interval of top-1 agreement with the source")
+    out += [f"resolution: {s['resolution']}" for s in stages if s.get("resolution")]
+    out += gate_mode_lines(stages)
     out += branch_lines(stages) + depth_lines(stages) + sensitivity_lines(stages)
     for stage in manifest["stages"]:
         facts = stage.get("facts") or {}
@@ -119,6 +130,12 @@ def summary_table(manifest: dict[str, Any]) -> str:
     if manifest.get("failure"):
         out.append(f"FAILED: {manifest['failure']}")
     return "\n".join(out)
+
+
+def gate_mode_lines(stages: list[dict[str, Any]]) -> list[str]:
+    """Which stages judge the interval's bound instead of the point estimate."""
+    judged = [s["name"] for s in stages if (s.get("gate") or {}).get("mode") == "confidence" and (s["gate"] or {}).get("max_drop_pts") is not None]
+    return [f"gates: {', '.join(judged)} judged on the upper 95% bound of the drop (mode confidence)"] if judged else []
 
 
 def sensitivity_lines(stages: list[dict[str, Any]]) -> list[str]:

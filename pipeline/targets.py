@@ -116,6 +116,11 @@ class Compression:
     # at 1e-4 and 84.8% at 5e-4; BENCHMARKS.md).
     # Factorize recovers at the model's own fine-tuning rate.
     recovery_lr: float = 5e-4
+    # Recovery ends at the epoch budget or once the calib KL to the teacher has not improved for this many epochs.
+    recovery_patience: int = 3
+    # Mixed image/text pairs (two train samples' halves) per train pair in each batch, distilled on the teacher's answers alone.
+    recovery_mixed: float = 1.0
+    recovery_seed: int | None = None  # None: the build's --seed
 
     def prunes(self) -> bool:
         return any(r > 0 for r in (self.prune_image, self.prune_text, self.prune_fusion)) or self.text_depth is not None
@@ -250,6 +255,10 @@ def _check_consistency(target: Target, where: str) -> None:
         raise InputError(f"{where}: compression.recovery_lr = {comp.recovery_lr} must be > 0")
     if comp.recovery_epochs < 0:
         raise InputError(f"{where}: compression.recovery_epochs = {comp.recovery_epochs} must be >= 0")
+    if comp.recovery_patience < 1:
+        raise InputError(f"{where}: compression.recovery_patience = {comp.recovery_patience} must be >= 1")
+    if not 0.0 <= comp.recovery_mixed <= 4.0:
+        raise InputError(f"{where}: compression.recovery_mixed = {comp.recovery_mixed} must be in [0, 4] (mixed pairs per train pair)")
 
 
 def version_tuple(text: str) -> tuple[int, ...]:

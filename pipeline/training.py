@@ -115,11 +115,13 @@ class _Features:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def logits(self, model: nn.Module, index: torch.Tensor) -> torch.Tensor:
+    def logits(self, model: nn.Module, index: torch.Tensor, text_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the samples at index; with text_index, each image is paired with another sample's text."""
+        text_index = index if text_index is None else text_index
         if not self.split:
-            return model(**{k: v[index] for k, v in self.tensors.items()})
+            return model(**{k: v[index if k == "image" else text_index] for k, v in self.tensors.items()})
         image = model.image_encoder.suffix(self.image[index])
-        text = model.text_encoder.suffix(self.text[index], self.mask[index])
+        text = model.text_encoder.suffix(self.text[text_index], self.mask[text_index])
         return model.head(image, text)
 
 
@@ -180,13 +182,17 @@ def predict_logits(model: nn.Module, data: Encoded, batch_size: int, cache: Pref
     return _logits_in_order(model, _Features(model, data, batch_size, desc, cache), batch_size).float().numpy()
 
 
+def _distill_kl(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the temperature-softened distributions, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(logits / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean") * t * t
+
+
 def _loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, settings: TrainSettings) -> torch.Tensor:
     ce = F.cross_entropy(logits, labels, label_smoothing=settings.label_smoothing)
     if teacher is None:
         return ce
-    t = settings.distill_temperature
-    kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean") * t * t
-    return settings.distill_weight * kl + (1 - settings.distill_weight) * ce
+    return settings.distill_weight * _distill_kl(logits, teacher, settings.distill_temperature) + (1 - settings.distill_weight) * ce
 
 
 def train(
@@ -249,3 +255,177 @@ def train(
         p.requires_grad_(False)
     model.eval()
     return model, TrainReport(len(history), best_epoch, best_acc, tuple(history), initial_acc)
+
+
+# ---------------------------------------------------------------- distillation: a compressed model learns to answer like its teacher
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How closely a student follows its teacher on a split (the recovery's checkpoint is chosen by kl)."""
+
+    kl: float  # mean KL(teacher || student) at T = 1, nats
+    agreement: float  # top-1 agreement with the teacher
+    accuracy: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"kl": round(self.kl, 6), "agreement": round(self.agreement, 6), "accuracy": round(self.accuracy, 6)}
+
+
+def fidelity(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> Fidelity:
+    kl = F.kl_div(F.log_softmax(student.double(), dim=1), F.log_softmax(teacher.double(), dim=1), reduction="batchmean", log_target=True)
+    return Fidelity(float(kl), float((student.argmax(1) == teacher.argmax(1)).double().mean()),
+                    float((student.argmax(1) == labels).double().mean()))
+
+
+@dataclass(frozen=True)
+class DistillReport:
+    epochs_run: int
+    best_epoch: int  # 0: the model as it came in was the closest to its teacher
+    initial: Fidelity  # on the validation split, before the first epoch
+    best: Fidelity
+    history: tuple[tuple[float, Fidelity], ...]  # (train loss, validation fidelity) per epoch
+    stopped: str  # "budget" or "plateau"
+
+
+class _TeacherAnswers:
+    """The frozen teacher's answers on the train pairs and on any mixed pair, computed once.
+
+    A split teacher's encoder outputs are cached per sample, so its logits on
+    the pair (image of i, text of j) cost one run of its head; a teacher
+    without a split is run whole on each mixed pair.
+    """
+
+    def __init__(self, teacher: nn.Module, features: _Features, batch_size: int):
+        self.teacher, self.features = teacher, features
+        with torch.inference_mode():
+            if features.split:
+                parts = [self._encoded(torch.arange(s, min(s + batch_size, len(features)))) for s in range(0, len(features), batch_size)]
+                self.image, self.text = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            self.own = _logits_in_order(teacher, features, batch_size)
+
+    def _encoded(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features
+        return self.teacher.image_encoder.suffix(f.image[index]), self.teacher.text_encoder.suffix(f.text[index], f.mask[index])
+
+    def mixed(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            if self.features.split:
+                return self.teacher.head(self.image[images], self.text[texts]).clone()
+            return self.features.logits(self.teacher, images, texts).clone()
+
+
+def _mixed_pairs(size: int, share: float, generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Positions (image, text) within a batch for round(share x size) mixed pairs: texts moved by a random permutation."""
+    pairs, left = [], int(round(share * size))
+    while left > 0 and size > 1:
+        count = min(left, size)
+        images = torch.randperm(size, generator=generator)[:count]
+        texts = (images + torch.randint(1, size, (count,), generator=generator)) % size  # never an image's own text
+        pairs.append((images, texts))
+        left -= count
+    return pairs
+
+
+def _student_loss(model: nn.Module, features: _Features, index: torch.Tensor, teacher: _TeacherAnswers, settings: TrainSettings,
+                  mixed_share: float, generator: torch.Generator) -> torch.Tensor:
+    """Distillation loss on the batch's own pairs plus its mixed pairs (teacher's answers only).
+
+    A split student encodes each image and text of the batch once; its mixed
+    pairs reuse those encodings and cost one run of its head each.
+    """
+    labels, own_target = features.labels[index], teacher.own[index]
+    pairs = _mixed_pairs(len(index), mixed_share, generator)
+    if features.split:
+        image = model.image_encoder.suffix(features.image[index])
+        text = model.text_encoder.suffix(features.text[index], features.mask[index])
+        loss = _loss(model.head(image, text), labels, own_target, settings)
+        mixed = [(model.head(image[i], text[t]), teacher.mixed(index[i], index[t])) for i, t in pairs]
+    else:
+        loss = _loss(features.logits(model, index), labels, own_target, settings)
+        mixed = [(features.logits(model, index[i], index[t]), teacher.mixed(index[i], index[t])) for i, t in pairs]
+    for logits, target in mixed:
+        loss = loss + len(logits) / len(index) * _distill_kl(logits, target, settings.distill_temperature)
+    return loss
+
+
+def distill(
+    model: nn.Module,
+    teacher: nn.Module,
+    train_data: Encoded,
+    val_data: Encoded,
+    settings: TrainSettings,
+    patience: int,
+    mixed_share: float = 0.0,
+    desc: str = "distill",
+    prefix_cache: PrefixCache | None = None,
+) -> tuple[nn.Module, DistillReport]:
+    """Train model (in place) to answer like teacher; return the checkpoint closest to the teacher on val_data.
+
+    The loss is settings.distill_weight x KL to the teacher at
+    settings.distill_temperature plus the rest x label cross-entropy on the
+    train pairs, plus, per batch, mixed_share x batch pairs of one sample's
+    image with another sample's text, with the teacher's answers as the only
+    target: the teacher is right on nearly every train sample, so on the train
+    pairs alone its logits say little more than the labels; on pairs it has
+    never seen they show how it weighs one modality against the other, which
+    is where a compressed model's answers drift on unseen samples.
+
+    There is no early stop at an accuracy line (a line crossed on a small
+    split is crossed by noise): training runs the epoch budget, or ends when
+    the validation KL to the teacher has not improved for `patience` epochs,
+    and the checkpoint with the lowest validation KL is kept.
+    """
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    for network in (model, teacher):
+        network.eval()
+        for p in network.parameters():
+            p.requires_grad_(False)
+    student_train = _Features(model, train_data, settings.batch_size, f"{desc}: encoding train", prefix_cache)
+    student_val = _Features(model, val_data, settings.batch_size, f"{desc}: encoding val", prefix_cache)
+    answers = _TeacherAnswers(teacher, _Features(teacher, train_data, settings.batch_size, f"{desc}: encoding train (teacher)", prefix_cache),
+                              settings.batch_size)
+    teacher_val = _logits_in_order(teacher, _Features(teacher, val_data, settings.batch_size, f"{desc}: encoding val (teacher)", prefix_cache),
+                                   settings.batch_size)
+    if answers.features.split != student_train.split:
+        raise ValueError("distill needs a teacher and a student that both split into prefix and suffix, or neither")
+    tail, head = _trainable_parameters(model)
+    for p in tail + head:
+        p.requires_grad_(True)
+    groups = [{"params": head, "lr": settings.lr}] + ([{"params": tail, "lr": settings.encoder_lr}] if tail else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    steps = settings.epochs * max(1, -(-len(student_train) // settings.batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(steps, 1), pct_start=0.15)
+
+    def measure() -> Fidelity:
+        return fidelity(_logits_in_order(model, student_val, settings.batch_size), teacher_val, student_val.labels)
+
+    best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
+    initial = best = measure()
+    history: list[tuple[float, Fidelity]] = []
+    stopped = "budget"
+    bar = tqdm(range(1, settings.epochs + 1), desc=desc, unit="epoch", disable=None)
+    for epoch in bar:
+        _set_train_mode(model)
+        losses = []
+        for index in _batches(len(student_train), settings.batch_size, generator):
+            loss = _student_loss(model, student_train, index, answers, settings, mixed_share, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+        current = measure()
+        history.append((float(np.mean(losses)), current))
+        bar.set_postfix(loss=f"{history[-1][0]:.3f}", val_kl=f"{current.kl:.4f}", val_agree=f"{current.agreement:.3f}")
+        if current.kl < best.kl:
+            best, best_epoch, best_state = current, epoch, copy.deepcopy(model.state_dict())
+        if epoch - best_epoch >= patience:
+            stopped = "plateau"
+            break
+    model.load_state_dict(best_state)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return model, DistillReport(len(history), best_epoch, initial, best, tuple(history), stopped)

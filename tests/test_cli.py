@@ -55,6 +55,11 @@ def test_build_runs_every_stage_and_gates_it(built):
     assert 0.0 <= quantize["parity"]["accuracy"] <= 1.0
     manifest = json.loads((work / "out" / "manifest.json").read_text())
     jsonschema.validate(manifest, json.loads((REPO / "manifest.schema.json").read_text()))
+    for stage in manifest["stages"]:  # the paired counts explain the point estimate, and the interval holds it
+        pair, delta = stage["parity"]["paired"], stage["parity"]["delta_pts"]
+        assert 100 * (pair["fixed"] - pair["broken"]) / pair["samples"] == pytest.approx(delta)
+        assert pair["delta_ci_pts"][0] <= delta <= pair["delta_ci_pts"][1]
+    assert manifest["machine"]["pinned"] and manifest["versions"]["kernels"].startswith("aten=AVX2")
     assert manifest["data"]["calibration"]["frozen"] is False  # a user folder: selected, not frozen
     assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime"}
     for stage in manifest["stages"]:

@@ -260,22 +260,42 @@ def test_recalibration_re_estimates_only_the_batchnorm_whose_conv_lost_inputs():
     assert not pruned.training and pruned[3].momentum == 0.1
 
 
-def test_recovery_does_not_train_a_model_already_inside_the_gate():
+def test_recovery_runs_to_a_plateau_and_keeps_the_checkpoint_closest_to_the_teacher():
     from pipeline.stages.recovery import Recovery, recover
     from pipeline.training import TrainSettings
 
+    config, teacher = tiny("concat")
+    data = random_samples(config.input_spec(), 16)
+    student = copy.deepcopy(teacher)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    # a student that already answers exactly like its teacher (KL 0) cannot get closer: training stops at the plateau
+    # and the model comes back as it went in, however many epochs the budget allowed
+    _, facts = recover(student, Recovery(data, data, teacher, TrainSettings(epochs=6), patience=2), "t")
+    assert (facts["epochs_run"], facts["best_epoch"], facts["stopped"]) == (2, 0, "plateau")
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert facts["val_best"]["kl"] == pytest.approx(0.0, abs=1e-9) and facts["val_best"]["agreement"] == 1.0
+    # a perturbed student moves towards its teacher, and the kept checkpoint is the epoch with the lowest calib KL
+    with torch.no_grad():
+        for p in student.classifier.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    _, facts = recover(student, Recovery(data, data, teacher, TrainSettings(epochs=3), patience=3, mixed_share=0.5), "t")
+    kls = [row[1] for row in facts["history"]]
+    assert facts["epochs_run"] == 3 and facts["stopped"] == "budget"
+    assert facts["val_best"]["kl"] == min([facts["val_before"]["kl"], *kls]) < facts["val_before"]["kl"]
+
+
+def test_mixed_pairs_pair_each_image_with_another_samples_text():
+    from pipeline.training import _Features
+
     config, model = tiny("concat")
-    spec = config.input_spec()
-    images = np.random.default_rng(0).random((16, 3, spec.image_size, spec.image_size), dtype=np.float32)
-    data = Encoded(ids=tuple(str(i) for i in range(16)), inputs={"image": images, "input_ids": np.ones((16, spec.max_tokens), np.int64),
-                                                                  "attention_mask": np.ones((16, spec.max_tokens), np.int64)},
-                   labels=np.arange(16) % 9)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    _, facts = recover(model, Recovery(data, data, np.zeros((16, 9), np.float32), target_accuracy=0.0, settings=TrainSettings(epochs=3)), "t")
-    assert facts["epochs_run"] == 0
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    _, facts = recover(model, Recovery(data, data, np.zeros((16, 9), np.float32), target_accuracy=1.01, settings=TrainSettings(epochs=2)), "t")
-    assert facts["epochs_run"] == 2
+    data = random_samples(config.input_spec(), 6)
+    features = _Features(model.eval(), data, 3, "t")
+    images, texts = torch.tensor([0, 1]), torch.tensor([4, 5])
+    swapped = {"image": data.inputs["image"][[0, 1]], "input_ids": data.inputs["input_ids"][[4, 5]],
+               "attention_mask": data.inputs["attention_mask"][[4, 5]]}
+    with torch.no_grad():
+        expected = model(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in swapped.items()})
+        torch.testing.assert_close(features.logits(model, images, texts), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_macs_budget_scales_the_branch_ratios_until_it_fits():
@@ -398,17 +418,18 @@ def test_recoveries_of_one_build_share_the_frozen_prefix_outputs():
     model.text_encoder.split_at = 1  # text layer 0 is a frozen prefix
     cache = PrefixCache()
     val = data.subset(range(8))
-    run = lambda m, c: recover(m, Recovery(data, val, np.zeros((16, 9), np.float32), 1.01, TrainSettings(epochs=2), c), "t")[0]
+    teacher = copy.deepcopy(model)
+    run = lambda m, c: recover(m, Recovery(data, val, teacher, TrainSettings(epochs=2), patience=2, prefix_cache=c), "t")[0]
     uncached = run(copy.deepcopy(model), None)
     first = run(copy.deepcopy(model), cache)
     second = run(copy.deepcopy(model), cache)
-    assert cache.hits == 2  # train and val features of the second recovery
+    assert cache.hits == 6  # the teacher's train and val features in both runs, the student's in the second
     for trained in (first, second):
         assert all(torch.equal(a, b) for a, b in zip(uncached.state_dict().values(), trained.state_dict().values()))
     with torch.no_grad():  # a changed prefix layer is a different prefix: computed again
         model.text_encoder.encoder.layer[0].output.dense.bias.add_(1.0)
     run(copy.deepcopy(model), cache)
-    assert cache.hits == 2
+    assert cache.hits == 8  # the teacher's prefix is unchanged: only its features are reused
 
 
 def test_sensitivity_re_runs_from_the_frozen_prefix_with_the_same_logits():
@@ -435,7 +456,7 @@ def test_batchnorm_recalibration_from_the_cached_prefix_equals_a_full_forward():
     set_trainable_split(model, image_blocks=4)
     pruned, _ = prune(model, Compression(prune_image=0.5), example_inputs(config.input_spec()))
     data = random_samples(config.input_spec(), 8)
-    recovery = lambda cache: Recovery(data, data, np.zeros((8, 9), np.float32), 1.0, TrainSettings(batch_size=4), cache)
+    recovery = lambda cache: Recovery(data, data, model, TrainSettings(batch_size=4), prefix_cache=cache)
     full, cached = copy.deepcopy(pruned), copy.deepcopy(pruned)
     batches, forward = recalibration_inputs(model, full, recovery(None))
     assert forward is None  # no cache: the whole model runs
