@@ -21,19 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-PINNING = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+from pipeline.kernels import PINNED, cpu_facts
 ACCURACY_GATED = ("prune", "factorize", "quantize")
 
 
 def kind_environment(kind: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in PINNING}
+    env = {k: v for k, v in os.environ.items() if k not in PINNED}
     env["EDGEPIPE_KERNELS"] = "native" if kind == "native" else "avx2"
     return env
 
@@ -119,6 +118,9 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--kinds", nargs="+", choices=("native", "avx2"), default=["native", "avx2"])
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--source-cache", type=Path, default=None,
+                        help="a build directory whose cached source stage (and logits) each kind's first run starts from; "
+                             "used only where its cache key matches (same versions and kernel settings), else the source is trained")
     parser.add_argument("extra", nargs="*", help="more build flags, after --")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
@@ -129,13 +131,16 @@ def main() -> int:
             out = args.out / kind / f"seed{seed}"
             if previous is not None:  # the source model (and its logits) from the cache: only the compression is fresh
                 shutil.copytree(previous, out, ignore=shutil.ignore_patterns(".lock", "bundle"))
+            elif args.source_cache is not None:
+                for part in ("stages/source", "outputs"):
+                    shutil.copytree(args.source_cache / part, out / part)
             for target in args.targets:
                 code, wall, summary, error = build(target, out, seed, kind, args.extra)
                 manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else None
                 rows.append(row(target, kind, seed, code, wall, summary, manifest, error))
                 print(f"{kind} seed {seed} {target}: {rows[-1]['status']} ({wall:.0f} s)", file=sys.stderr, flush=True)
             previous = out
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; command: python benchmarks/robustness.py "
+    print(f"machine: {cpu_facts()['model']} (ISA {', '.join(cpu_facts()['isa'])}), {os.cpu_count()} cores; command: python benchmarks/robustness.py "
           f"--targets {' '.join(args.targets)} --seeds {' '.join(map(str, args.seeds))} --kinds {' '.join(args.kinds)}\n")
     print(markdown(rows))
     comparison = byte_comparison(rows)

@@ -63,7 +63,7 @@ class BuildConfig:
     simplifier: str = "onnxsim"
     eval_batch: int = 32
     require_engine: bool = False
-    measure_latency: bool = True  # ONNX Runtime CPU latency of every stage (the ledger's cost columns)
+    measure_latency: bool = False  # ONNX Runtime CPU latency of every stage (the ledger's b1/b16 columns; --latency)
 
 
 @dataclass(frozen=True)
@@ -303,7 +303,9 @@ def factorize_stage(c: Conductor, model: Artifact, reference: Artifact, spec: In
     settings = {**f.factorize_settings(compression.factorize_energy, scope="trainable", embeddings=compression.embedding_energy is not None,
                                        embedding_energy=compression.embedding_energy),
                 "embedding_weights": "train-split token frequency + 0.2 uniform", **compression_settings(c, reference), "recovery_lr": lr}
-    recovery = lambda: c.recovery(reference, compression.recovery_epochs, lr)
+    epochs = compression.recovery_epochs if compression.factorize_epochs is None else compression.factorize_epochs
+    settings["recovery"] = {**settings["recovery"], "epochs": epochs}
+    recovery = lambda: c.recovery(reference, epochs, lr)
     artifact, cached, wall = c.run_stage("factorize", settings, model.sha256,
                                          lambda wd: f.factorize_stage(model, compression, spec, recovery(), c.probe(), wd))
     logits = c.torch_outputs(artifact, reach=compression)

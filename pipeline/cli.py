@@ -47,7 +47,11 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--gate-mode", choices=("point", "confidence"), default=None,
                        help="judge every accuracy gate on the drop's point estimate or on the upper bound of its 95%% interval (default: each gate's own mode)")
     build.add_argument("--no-compression", action="store_true", help="skip the prune and factorize stages (export the trained model as it is)")
-    build.add_argument("--no-latency", action="store_true", help="skip timing every stage's ONNX with ONNX Runtime (params and MACs are still counted)")
+    latency = build.add_mutually_exclusive_group()
+    latency.add_argument("--latency", dest="latency", action="store_true", default=False,
+                         help="also time every stage's ONNX with ONNX Runtime on this CPU (the ledger's b1/b16 columns; off by default: "
+                              "about a minute of a cold build, and `bench` times a build's files side by side)")
+    latency.add_argument("--no-latency", dest="latency", action="store_false", help="do not time the stages (the default; params and MACs are always counted)")
     build.add_argument("--simplifier", choices=("onnxsim", "none"), default="onnxsim", help="ONNX graph simplifier after export (default: onnxsim)")
     build.add_argument("--require-engine", action="store_true", help="fail (exit 4) instead of writing a device bundle when no engine can be built here")
     build.add_argument("--json", action="store_true", help="print the manifest summary as JSON instead of the table")
@@ -102,7 +106,7 @@ def build_command(args: argparse.Namespace) -> int:
     config = BuildConfig(
         target=target, out=args.out or Path("out") / target.name, model=args.model, data=args.data, weights=args.weights,
         fusion=args.fusion, train=train, simplifier=args.simplifier,
-        require_engine=args.require_engine, measure_latency=not args.no_latency,
+        require_engine=args.require_engine, measure_latency=args.latency,
     )
     say = (lambda message: print(message, file=sys.stderr)) if args.json else print
     try:

@@ -121,6 +121,8 @@ class Compression:
     # Mixed image/text pairs (two train samples' halves) per train pair in each batch, distilled on the teacher's answers alone.
     recovery_mixed: float = 1.0
     recovery_seed: int | None = None  # None: the build's --seed
+    # The factorize stage's own budget (None: recovery_epochs): a factorized embedding starts close to its teacher.
+    factorize_epochs: int | None = None
 
     def prunes(self) -> bool:
         return any(r > 0 for r in (self.prune_image, self.prune_text, self.prune_fusion)) or self.text_depth is not None
@@ -255,6 +257,8 @@ def _check_consistency(target: Target, where: str) -> None:
         raise InputError(f"{where}: compression.recovery_lr = {comp.recovery_lr} must be > 0")
     if comp.recovery_epochs < 0:
         raise InputError(f"{where}: compression.recovery_epochs = {comp.recovery_epochs} must be >= 0")
+    if comp.factorize_epochs is not None and comp.factorize_epochs < 0:
+        raise InputError(f"{where}: compression.factorize_epochs = {comp.factorize_epochs} must be >= 0")
     if comp.recovery_patience < 1:
         raise InputError(f"{where}: compression.recovery_patience = {comp.recovery_patience} must be >= 1")
     if not 0.0 <= comp.recovery_mixed <= 4.0:

@@ -142,6 +142,18 @@ def _trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn
     return tail, head
 
 
+def _optimizer(model: nn.Module, samples: int, settings: TrainSettings) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters (head at settings.lr, encoder tails at encoder_lr), one-cycle over the budget."""
+    tail, head = _trainable_parameters(model)
+    for p in tail + head:
+        p.requires_grad_(True)
+    groups = [{"params": head, "lr": settings.lr}] + ([{"params": tail, "lr": settings.encoder_lr}] if tail else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    steps = settings.epochs * max(1, -(-samples // settings.batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(steps, 1), pct_start=0.15)
+    return optimizer, schedule
+
+
 def _set_train_mode(model: nn.Module) -> None:
     model.train()
     for encoder_name in ("image_encoder", "text_encoder"):
@@ -219,13 +231,7 @@ def train(
         p.requires_grad_(False)
     train_features = _Features(model, train_data, settings.batch_size, f"{desc}: encoding train", prefix_cache)
     val_features = _Features(model, val_data, settings.batch_size, f"{desc}: encoding val", prefix_cache)
-    tail, head = _trainable_parameters(model)
-    for p in tail + head:
-        p.requires_grad_(True)
-    groups = [{"params": head, "lr": settings.lr}] + ([{"params": tail, "lr": settings.encoder_lr}] if tail else [])
-    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    steps = settings.epochs * max(1, -(-len(train_features) // settings.batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(steps, 1), pct_start=0.15)
+    optimizer, schedule = _optimizer(model, len(train_features), settings)
     teacher = torch.from_numpy(teacher_logits).float() if teacher_logits is not None else None
 
     best_state = copy.deepcopy(model.state_dict())
@@ -390,13 +396,7 @@ def distill(
                                    settings.batch_size)
     if answers.features.split != student_train.split:
         raise ValueError("distill needs a teacher and a student that both split into prefix and suffix, or neither")
-    tail, head = _trainable_parameters(model)
-    for p in tail + head:
-        p.requires_grad_(True)
-    groups = [{"params": head, "lr": settings.lr}] + ([{"params": tail, "lr": settings.encoder_lr}] if tail else [])
-    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    steps = settings.epochs * max(1, -(-len(student_train) // settings.batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(steps, 1), pct_start=0.15)
+    optimizer, schedule = _optimizer(model, len(student_train), settings)
 
     def measure() -> Fidelity:
         return fidelity(_logits_in_order(model, student_val, settings.batch_size), teacher_val, student_val.labels)

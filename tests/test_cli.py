@@ -37,7 +37,8 @@ def built(tmp_path_factory, emoji_folder):
     """One real build: fused-tiny trained on the folder, pruned, factorized, exported, quantized, bundled for the jetson target."""
     work = tmp_path_factory.mktemp("build")
     target = write_target(work / "tiny-jetson.toml", gates=LENIENT, compression=COMPRESSION)
-    args = ["build", "--model", "fused-tiny", "--data", str(emoji_folder), "--target", str(target), "--epochs", "4", "--out", str(work / "out"), "--json"]
+    args = ["build", "--model", "fused-tiny", "--data", str(emoji_folder), "--target", str(target), "--epochs", "4", "--out", str(work / "out"),
+            "--latency", "--json"]
     first = run_cli(*args, cwd=work)
     return work, args, first
 
@@ -303,3 +304,26 @@ def test_users_own_model_and_weights_go_through_the_pipeline(tmp_path, emoji_fol
     assert [s["name"] for s in manifest["stages"]] == ["source", "export", "quantize"]
     assert "user model" in manifest["compression"]["skipped"]
     assert manifest["stages"][1]["parity"]["vs_reference"]["agreement"] == 1.0
+
+
+def test_a_confidence_gate_fails_a_drop_whose_point_estimate_passes(built, tmp_path):
+    """The same prune stage, from the cache, judged twice: on its point estimate it holds, on its interval it does not."""
+    import shutil
+
+    work, _, result = built
+    assert result.returncode == 0, result.stderr[-3000:]
+    prune = next(s for s in json.loads((work / "out" / "manifest.json").read_text())["stages"] if s["name"] == "prune")
+    low = prune["parity"]["paired"]["delta_ci_pts"][0]
+    budget = round((max(-prune["parity"]["delta_pts"], 0.0) + -low) / 2, 3)  # above the point drop, below the interval's bound
+    assert max(-prune["parity"]["delta_pts"], 0.0) < budget < -low
+    target = write_target(tmp_path / "tiny-jetson.toml", gates={**LENIENT, "prune": {"max_drop_pts": budget}}, compression=COMPRESSION)
+    shutil.copytree(work / "out", tmp_path / "out")
+    args = ["build", "--model", "fused-tiny", "--data", str(built[1][4]), "--target", str(target), "--epochs", "4", "--out", str(tmp_path / "out"), "--json"]
+    point = run_cli(*args, cwd=tmp_path)
+    assert point.returncode == 0, point.stderr[-3000:]
+    assert next(s for s in json.loads(point.stdout)["stages"] if s["name"] == "prune")["cached"]
+    confidence = run_cli(*args, "--gate-mode", "confidence", cwd=tmp_path)
+    assert confidence.returncode == 3
+    assert "upper 95% bound of the accuracy drop" in confidence.stderr and "'prune'" in confidence.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["stages"][-1]["gate"]["mode"] == "confidence"
