@@ -19,12 +19,12 @@ import os
 import subprocess
 import sys
 
-from pipeline.kernels import PINNED, cpu_facts
+from pipeline.kernels import PINNED, RECORDED, cpu_facts
 
 SETTINGS = {
     "native": {},
-    "pinned (the build's default)": dict(PINNED),
-    "ATen, oneDNN, MKL instructions at AVX2 (no CNR)": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "pinned (the build's default: ATen, oneDNN, MKL instructions at AVX2)": dict(PINNED),
+    "pinned + MKL_CBWR=AVX2 (MKL's reproducibility mode)": {**PINNED, "MKL_CBWR": "AVX2"},
     "MKL_CBWR=AVX2 alone": {"MKL_CBWR": "AVX2"},
     "ATEN_CPU_CAPABILITY=default": {"ATEN_CPU_CAPABILITY": "default"},
     "ONEDNN_MAX_CPU_ISA=SSE41": {"ONEDNN_MAX_CPU_ISA": "SSE41"},
@@ -53,7 +53,7 @@ print(json.dumps({"aten": torch.backends.cpu.get_cpu_capability(), "weights": we
 
 
 def main() -> int:
-    base = {k: v for k, v in os.environ.items() if k not in PINNED}
+    base = {k: v for k, v in os.environ.items() if k not in RECORDED}
     base.update(OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE")  # as the build runs
     rows = {}
     for name, extra in SETTINGS.items():

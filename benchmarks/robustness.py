@@ -3,8 +3,8 @@
     python benchmarks/robustness.py --out /tmp/edgepipe-robustness
 
 For each CPU kind (`native`: the kernels this CPU picks, EDGEPIPE_KERNELS=native
-and none of the pinning variables; `avx2`: the build's default, torch, oneDNN
-and MKL pinned to their AVX2 paths, see pipeline/kernels.py) the source model
+and none of the pinning variables; `avx2`: the build's default, torch's ATen
+kernels, oneDNN and MKL's instruction set pinned to AVX2, see pipeline/kernels.py) the source model
 is trained once; then for each recovery seed the compression stages run fresh
 (`--recovery-seed`) and each target is built on top of them (the targets share
 the compression budget, so `cpu` reuses `jetson`'s prune, factorize and export
@@ -27,12 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.kernels import PINNED, cpu_facts
+from pipeline.kernels import RECORDED, cpu_facts
 ACCURACY_GATED = ("prune", "factorize", "quantize")
 
 
 def kind_environment(kind: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in PINNED}
+    env = {k: v for k, v in os.environ.items() if k not in RECORDED}
     env["EDGEPIPE_KERNELS"] = "native" if kind == "native" else "avx2"
     return env
 
@@ -118,9 +118,9 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--kinds", nargs="+", choices=("native", "avx2"), default=["native", "avx2"])
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    parser.add_argument("--source-cache", type=Path, default=None,
-                        help="a build directory whose cached source stage (and logits) each kind's first run starts from; "
-                             "used only where its cache key matches (same versions and kernel settings), else the source is trained")
+    parser.add_argument("--warm", type=Path, nargs="*", default=[],
+                        help="build directories whose stage cache (and logits) each kind's first run starts from; a stage is "
+                             "reused only where its cache key matches (same code inputs, versions and kernel settings), else it runs")
     parser.add_argument("extra", nargs="*", help="more build flags, after --")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
@@ -131,9 +131,10 @@ def main() -> int:
             out = args.out / kind / f"seed{seed}"
             if previous is not None:  # the source model (and its logits) from the cache: only the compression is fresh
                 shutil.copytree(previous, out, ignore=shutil.ignore_patterns(".lock", "bundle"))
-            elif args.source_cache is not None:
-                for part in ("stages/source", "outputs"):
-                    shutil.copytree(args.source_cache / part, out / part)
+            else:
+                for warm in args.warm:
+                    for part in ("stages", "outputs"):
+                        shutil.copytree(warm / part, out / part, dirs_exist_ok=True)
             for target in args.targets:
                 code, wall, summary, error = build(target, out, seed, kind, args.extra)
                 manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else None

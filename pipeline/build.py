@@ -325,18 +325,30 @@ def export_stage(c: Conductor, torch_artifact: Artifact, spec: InputSpec) -> Art
     return artifact
 
 
+# The fallback tunes on calib (284 samples) for a gate judged on eval (474): near 0.97 their agreements differ by
+# about 0.013 (one standard deviation), and a cpu-form model tuned to 0.975 on calib measured 0.962 on eval. So it
+# tunes to the gate's agreement plus this margin.
+TUNING_AGREEMENT_MARGIN = 0.01
+
+
+def tuning_gate(gate: Gate) -> Gate:
+    if gate.min_agreement is None:
+        return gate
+    return dataclasses.replace(gate, min_agreement=min(1.0, gate.min_agreement + TUNING_AGREEMENT_MARGIN))
+
+
 def quantize_stage(c: Conductor, fp32: Artifact, torch_artifact: Artifact, calibration: CalibrationSet) -> Artifact:
     from pipeline.stages import quantize as q
 
     target = c.config.target
     settings = {**q.quantize_settings(target.quantize), "calibration": {"name": calibration.name, "sha256": calibration.sha256},
-                "tuning": c.splits.fingerprint("calib"), "gate": dataclasses.asdict(target.gates.quantize)}
+                "tuning": c.splits.fingerprint("calib"), "gate": dataclasses.asdict(tuning_gate(target.gates.quantize))}
 
     def produce(workdir: Path) -> Artifact:
         calib = c.splits.get(calibration.split).select_ids(calibration.ids)
         # The fallback tunes on the calib split, never on eval, so the eval gate stays an honest check.
         reference = c.torch_outputs(torch_artifact, split="calib", reach=target.compression)
-        evaluator = q.make_evaluator(c.splits.get("calib"), reference, target.gates.quantize)
+        evaluator = q.make_evaluator(c.splits.get("calib"), reference, tuning_gate(target.gates.quantize))
         return q.quantize(fp32, calib, target.quantize, workdir, evaluator=evaluator)
 
     artifact, cached, wall = c.run_stage("quantize", settings, fp32.sha256, produce)

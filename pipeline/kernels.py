@@ -1,21 +1,24 @@
 """The CPU kernel path a build computes with: pinned to AVX2 by default, and recorded.
 
 Training and recovery bytes depend on the instruction set the kernels use:
-the same prune stage gave different weights on an AVX-512 Xeon and an AVX2
-EPYC (issue 11). Pinning torch's ATen kernels, oneDNN and MKL to their AVX2
-paths, with MKL's conditional numerical reproducibility (deterministic
-reductions, static scheduling), makes an AVX-512 machine compute the way an
-AVX2 machine does. These variables are read once, when the libraries load,
-so pin_kernels() must run before torch is imported: the CLI's main() calls
-it first. A variable the user already set is left as it is;
-EDGEPIPE_KERNELS=native leaves all of them alone.
+unpinned, the same prune stage gave different weights on an AVX-512 Xeon and
+an AVX2 EPYC, while the source stage's were identical (issue 11). Pinning
+torch's ATen kernels and oneDNN (EfficientNet's convolutions) to their AVX2
+paths makes an AVX-512 machine run the kernels an AVX2 machine runs. These
+variables are read once, when the libraries load, so pin_kernels() must run
+before torch is imported: the CLI's main() calls it first. A variable the
+user already set is left as it is; EDGEPIPE_KERNELS=native leaves all of
+them alone.
 
-What MKL promises: its AVX2 branch gives the same results on every Intel
-CPU with AVX2. On AMD processors MKL takes its own code paths
-(MKL_ENABLE_INSTRUCTIONS had no effect on an EPYC here, MKL_CBWR did), so
-byte equality between an Intel and an AMD machine is the aim, not a
-guarantee: the manifest records the CPU and the kernel settings, and the
-verdict rests on measured margin, not on equal bytes.
+MKL (torch's BLAS here) is left on its own dispatch: the source stage,
+whose training is mostly MKL matrix products, already gave identical bytes
+on both machines, and MKL's conditional numerical reproducibility
+(MKL_CBWR=AVX2) changed this EPYC's bytes without a promise in return (MKL
+guarantees its AVX2 branch across Intel CPUs only; benchmarks/kernel_paths.py).
+MKL_ENABLE_INSTRUCTIONS=AVX2 caps an Intel CPU's MKL at AVX2 and has no
+effect on an AMD one. Byte equality between an Intel and an AMD machine is
+the aim, not a guarantee: the manifest records the CPU and the kernel
+settings, and the verdict rests on measured margin, not on equal bytes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import platform
 import sys
 from typing import Any, MutableMapping
 
-PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "MKL_CBWR": "AVX2"}
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+RECORDED = (*PINNED, "MKL_CBWR")  # MKL_CBWR is not set here, but one the user set changes the bytes: recorded and keyed
 POLICY_VARIABLE = "EDGEPIPE_KERNELS"  # "avx2" (default) or "native"
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "avx_vnni")
 
@@ -65,7 +69,7 @@ def kernel_facts() -> dict[str, Any]:
     import torch
 
     policy = os.environ.get(POLICY_VARIABLE, "avx2")
-    settings = {name: os.environ.get(name) for name in PINNED}
+    settings = {name: os.environ.get(name) for name in RECORDED}
     return {"policy": policy, "settings": settings, "aten_capability": torch.backends.cpu.get_cpu_capability(),
             "pinned": policy == "avx2" and all(settings[name] == value for name, value in PINNED.items()), "cpu": cpu_facts()}
 

@@ -117,6 +117,10 @@ class Paired:
     broken: int  # right in the reference, wrong here
     delta_ci_pts: tuple[float, float]  # 95% interval of the accuracy change in points (negative: worse)
     agreement_ci: tuple[float, float]  # 95% Wilson interval of top-1 agreement with the reference
+    # Agreement on the samples the reference is sure of (top-1 probability ahead of the second by CONFIDENT_MARGIN):
+    # a compressed model's disagreements gather where the reference's own answer is close to a coin flip.
+    confident_samples: int = 0
+    confident_agreement: float | None = None
 
     @property
     def half_width_pts(self) -> float:
@@ -129,7 +133,20 @@ class Paired:
     def to_json(self) -> dict[str, Any]:
         return {"samples": self.samples, "fixed": self.fixed, "broken": self.broken,
                 "delta_ci_pts": [round(v, 4) for v in self.delta_ci_pts], "agreement_ci": [round(v, 6) for v in self.agreement_ci],
-                "interval": "95%, Newcombe hybrid score (paired); agreement: Wilson"}
+                "interval": "95%, Newcombe hybrid score (paired); agreement: Wilson",
+                "confident_samples": self.confident_samples, "confident_margin": CONFIDENT_MARGIN,
+                "confident_agreement": None if self.confident_agreement is None else round(self.confident_agreement, 6)}
+
+
+CONFIDENT_MARGIN = 0.5  # top-1 minus top-2 softmax probability of the reference
+
+
+def confident(reference: np.ndarray, margin: float = CONFIDENT_MARGIN) -> np.ndarray:
+    """Which samples the reference answers with at least `margin` between its two most likely classes."""
+    shifted = reference.astype(np.float64) - reference.max(axis=1, keepdims=True)
+    probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+    top = np.sort(probabilities, axis=1)
+    return top[:, -1] - (top[:, -2] if top.shape[1] > 1 else 0.0) >= margin
 
 
 def paired(candidate: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> Paired:
@@ -138,8 +155,10 @@ def paired(candidate: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> 
     both, broken = int(np.sum(right & right_before)), int(np.sum(~right & right_before))
     fixed, neither = int(np.sum(right & ~right_before)), int(np.sum(~right & ~right_before))
     low, high = paired_difference_interval(both, broken, fixed, neither)
-    agreeing = int(np.sum(np.argmax(candidate, axis=1) == np.argmax(reference, axis=1)))
-    return Paired(len(labels), fixed, broken, (100.0 * low, 100.0 * high), wilson_interval(agreeing, len(labels)))
+    same = np.argmax(candidate, axis=1) == np.argmax(reference, axis=1)
+    sure = confident(reference)
+    return Paired(len(labels), fixed, broken, (100.0 * low, 100.0 * high), wilson_interval(int(np.sum(same)), len(labels)),
+                  int(np.sum(sure)), float(np.mean(same[sure])) if sure.any() else None)
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,7 @@ def summary_table(manifest: dict[str, Any]) -> str:
            line(header), line(["-" * w for w in widths]), *map(line, rows)]
     out.append("Δ 95% CI: paired interval of the accuracy change vs the source (points); fix/brk: eval samples the stage made right / wrong; "
                "agree 95%: Wilson interval of top-1 agreement with the source")
+    out += confident_lines(stages)
     out += [f"resolution: {s['resolution']}" for s in stages if s.get("resolution")]
     out += gate_mode_lines(stages)
     out += branch_lines(stages) + depth_lines(stages) + sensitivity_lines(stages)
@@ -130,6 +131,16 @@ def summary_table(manifest: dict[str, Any]) -> str:
     if manifest.get("failure"):
         out.append(f"FAILED: {manifest['failure']}")
     return "\n".join(out)
+
+
+def confident_lines(stages: list[dict[str, Any]]) -> list[str]:
+    """Where the disagreements are: agreement on the samples the source is sure of, for the last stage that has it."""
+    measured = [s for s in stages[1:] if ((s.get("parity") or {}).get("paired") or {}).get("confident_agreement") is not None]
+    if not measured:
+        return []
+    last, pair = measured[-1], measured[-1]["parity"]["paired"]
+    return [f"agreement where the source is sure (top-1 probability >= {pair['confident_margin']:g} ahead of the second, "
+            f"{pair['confident_samples']} of {pair['samples']} eval samples): {last['name']} {pair['confident_agreement']:.4f}"]
 
 
 def gate_mode_lines(stages: list[dict[str, Any]]) -> list[str]:

@@ -138,3 +138,21 @@ def test_an_unresolvable_budget_is_said_with_the_samples_it_needs():
     assert needed == row.paired.samples_to_resolve(1.0) and needed > 474 * (row.paired.half_width_pts / 1.0) ** 2 - 1
     assert unresolved_budget(Gate(max_drop_pts=5.0), row) is None
     assert unresolved_budget(Gate(min_agreement=0.9), row) is None
+
+
+def test_agreement_where_the_reference_is_sure_counts_only_those_samples():
+    reference = np.array([[5.0, 0.0], [0.1, 0.0], [0.0, 5.0], [0.0, 0.2]])  # sure, unsure, sure, unsure
+    candidate = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])  # agrees on sample 0 only
+    row = parity_row("prune", candidate, reference, reference, np.array([0, 0, 1, 1]))
+    assert row.paired.confident_samples == 2 and row.paired.confident_agreement == 0.5
+    assert row.vs_reference.agreement == 0.25  # 1 of 4 overall, 1 of the 2 sure ones
+
+
+def test_the_quantize_fallback_tunes_with_margin_above_the_eval_gate():
+    from pipeline.build import TUNING_AGREEMENT_MARGIN, tuning_gate
+
+    gate = Gate(max_drop_pts=1.0, min_agreement=0.97, knob="k")
+    tuned = tuning_gate(gate)
+    assert tuned.min_agreement == pytest.approx(0.97 + TUNING_AGREEMENT_MARGIN) and tuned.max_drop_pts == 1.0 and tuned.knob == "k"
+    assert tuning_gate(Gate(min_agreement=0.995)).min_agreement == 1.0
+    assert tuning_gate(Gate(max_drop_pts=1.0)) == Gate(max_drop_pts=1.0)
