@@ -210,7 +210,7 @@ class Conductor:
         from pipeline.stages.recovery import Recovery
 
         compression = self.config.target.compression
-        seed = self.config.train.seed if compression.recovery_seed is None else compression.recovery_seed
+        seed = recovery_seed(self.config)
         return Recovery(self.splits.get("train"), self.splits.get("calib"), _load_torch(reference),
                         dataclasses.replace(self.config.train, epochs=epochs, encoder_lr=lr, seed=seed),
                         compression.recovery_patience, compression.recovery_mixed, self.prefix_cache)
@@ -268,12 +268,18 @@ def _load_torch(artifact: Artifact):
     return load_torch_artifact(artifact.path)
 
 
+def recovery_seed(config: BuildConfig) -> int:
+    """The seed the recoveries train with: the target's (or --recovery-seed), else the build's --seed."""
+    seed = config.target.compression.recovery_seed
+    return config.train.seed if seed is None else seed
+
+
 def compression_settings(c: Conductor, reference: Artifact) -> dict[str, Any]:
     """What both structural stages' outputs depend on besides their own settings: reach, recovery, data, teacher."""
     compression = c.config.target.compression
     return {"reach": {"image_blocks": compression.image_blocks, "text_layers": compression.text_layers},
             "recovery": {"epochs": compression.recovery_epochs, "lr": compression.recovery_lr, "train": dataclasses.asdict(c.config.train),
-                         "patience": compression.recovery_patience, "mixed": compression.recovery_mixed, "seed": compression.recovery_seed,
+                         "patience": compression.recovery_patience, "mixed": compression.recovery_mixed, "seed": recovery_seed(c.config),
                          "selection": "calib KL to the teacher"},
             "data": {split: c.splits.fingerprint(split) for split in ("train", "calib")}, "reference": reference.sha256}
 
