@@ -472,28 +472,3 @@ def test_batchnorm_recalibration_from_the_cached_prefix_equals_a_full_forward():
         torch.testing.assert_close(states[1][f"{name}.running_mean"], states[0][f"{name}.running_mean"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(states[1][f"{name}.running_var"], states[0][f"{name}.running_var"], rtol=1e-5, atol=1e-6)
 
-
-def test_factorizing_only_the_embedding_recovers_without_touching_the_image_blocks(tmp_path):
-    from pipeline.artifacts import Artifact
-    from pipeline.stages.factorize import factorize_stage
-    from pipeline.stages.recovery import Recovery
-    from pipeline.store import artifact_digest
-    from pipeline.training import TrainSettings
-
-    config = default_config("fused-effnet-minilm", 9)
-    torch.manual_seed(0)
-    model = build_model(config, pretrained=False).eval()
-    save_torch_artifact(tmp_path / "torch", model, describe_registry_model(config))
-    source = Artifact("torch", tmp_path / "torch", artifact_digest(tmp_path / "torch"), {})
-    data = random_samples(config.input_spec(), 8)
-    teacher = copy.deepcopy(model)
-    with torch.no_grad():  # a confident teacher: the student has somewhere to go
-        teacher.classifier.weight.mul_(30.0)
-    recovery = Recovery(data, data, teacher, TrainSettings(epochs=3, batch_size=4, lr=3e-2, encoder_lr=1e-3), patience=3)
-    compression = Compression(embedding_energy=0.5, image_blocks=10, text_layers=6)
-    out = factorize_stage(source, compression, config.input_spec(), recovery, data, tmp_path / "work")
-    recovered = load_torch_artifact(out.path)
-    assert out.meta["recovery"]["best_epoch"] >= 1, (out.meta["recovery"]["val_before"], out.meta["recovery"]["history"])  # a trained checkpoint was kept
-    before, after = model.image_encoder.blocks.state_dict(), recovered.image_encoder.blocks.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing image-side was factorized: the blocks stay frozen
-    assert not torch.equal(model.classifier.weight, recovered.classifier.weight)  # the head did train

@@ -232,11 +232,9 @@ def factorize_stage(source: Artifact, compression: Compression, spec: InputSpec,
 
     Recovery reaches what was factorized: the compression's reach, and the
     whole text encoder (embedding included) when the embedding is factorized.
-    When no image layer is factorized (only the embedding), the EfficientNet
-    blocks stay frozen and recovery trains the text branch and the head: on
-    the default build the factorized model starts within 0.002 nats (calib
-    KL) of the pruned one, and eight epochs through the image blocks bought
-    0.007 nats for 286 s (BENCHMARKS.md).
+    The image blocks in reach keep training too: their frozen prefix is the
+    prune stage's, so its outputs come from the build's cache, where freezing
+    them would mean running every block again for the whole train split.
     The embedding is factorized weighted by token frequency in the train split.
     """
     from pipeline.compression.sensitivity import factorize_sensitivity
@@ -259,8 +257,6 @@ def factorize_stage(source: Artifact, compression: Compression, spec: InputSpec,
         raise InputError(f"compression.factorize_energy = {compression.factorize_energy}, embedding_energy = {compression.embedding_energy}: "
                          "no layer in reach would get smaller; lower the energy or drop the factorize settings")
     set_trainable_split(factorized, text_layers=text_layers, image_blocks=compression.image_blocks)
-    if compression.factorize_energy is None and hasattr(getattr(factorized, "image_encoder", None), "blocks"):
-        factorized.image_encoder.split_at = len(factorized.image_encoder.blocks)  # nothing image-side changed: train only its head conv
     recovered, recovery_facts = recover(factorized, recovery, "recover (factorize)")
     directory = workdir / "torch"
     save_torch_artifact(directory, recovered, read_description(source.path))
