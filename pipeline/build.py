@@ -45,9 +45,11 @@ GOLDEN_SAMPLES = 128
 SENSITIVITY_SAMPLES = 64
 # Which artifacts' bytes may differ between CPU kinds (issue 11's AVX-512 Xeon and AVX2 EPYC, kernels unpinned):
 # the source's did not; prune's recovery (EfficientNet blocks trained through oneDNN) did, and so everything after it.
-CPU_DEPENDENT = {"measured": "source identical (sha256 06bff00a...), prune differed, on an AVX-512 Xeon and an AVX2 EPYC, kernels unpinned",
+CPU_DEPENDENT = {"measured": "kernels unpinned: source identical (sha256 06bff00a...), prune differed, on an AVX-512 Xeon and an AVX2 EPYC; "
+                             "on the EPYC every stage was byte-identical pinned and unpinned",
                  "stages": ["prune", "factorize", "export", "quantize"],
-                 "pinned_kernels": "expected to remove the difference (same kernel path), not yet compared across machines"}
+                 "pinned_kernels": "ATen and oneDNN on their AVX2 paths on every CPU: expected to remove the difference, "
+                                   "not yet compared on an AVX-512 machine; ONNX Runtime's own int8 kernels (the cpu form) are not pinned"}
 VERSIONED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxscript", "numpy", "transformers", "torch-pruning", "tensorrt")
 
 
