@@ -340,9 +340,9 @@ TUNING_AGREEMENT_MARGIN = 0.01
 
 
 def tuning_gate(gate: Gate) -> Gate:
-    if gate.min_agreement is None:
-        return gate
-    return dataclasses.replace(gate, min_agreement=min(1.0, gate.min_agreement + TUNING_AGREEMENT_MARGIN))
+    """What the fallback tunes to on calib: the point estimates (an interval on 284 samples would never close), with margin."""
+    agreement = None if gate.min_agreement is None else min(1.0, gate.min_agreement + TUNING_AGREEMENT_MARGIN)
+    return dataclasses.replace(gate, min_agreement=agreement, mode="point")
 
 
 def quantize_stage(c: Conductor, fp32: Artifact, torch_artifact: Artifact, calibration: CalibrationSet) -> Artifact:

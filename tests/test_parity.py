@@ -156,3 +156,4 @@ def test_the_quantize_fallback_tunes_with_margin_above_the_eval_gate():
     assert tuned.min_agreement == pytest.approx(0.97 + TUNING_AGREEMENT_MARGIN) and tuned.max_drop_pts == 1.0 and tuned.knob == "k"
     assert tuning_gate(Gate(min_agreement=0.995)).min_agreement == 1.0
     assert tuning_gate(Gate(max_drop_pts=1.0)) == Gate(max_drop_pts=1.0)
+    assert tuning_gate(Gate(max_drop_pts=1.0, mode="confidence")).mode == "point"  # calib alone could never resolve the interval
