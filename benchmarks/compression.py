@@ -27,9 +27,9 @@ from pipeline.compression.measure import macs_by_branch, onnx_cpu_latency_ms, pa
 from pipeline.data import load_dataset
 from pipeline.data.encode import Encoded, encode
 from pipeline.models.checkpoint import input_spec_of, load_torch_artifact, read_description
-from pipeline.stages.export import example_inputs, export_onnx
-from pipeline.stages.factorize import factorize
-from pipeline.stages.prune import prune, set_trainable_split
+from pipeline.export import example_inputs, export_onnx
+from pipeline.compression.factorize import factorize
+from pipeline.compression.prune import prune, set_trainable_split
 from pipeline.targets import Compression
 from pipeline.training import TrainSettings, train
 
@@ -106,7 +106,7 @@ def score(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict
 
 def allocated_ratios(model, plan: Plan, calib: Encoded, samples: int = 64) -> dict[str, float]:
     from pipeline.compression.sensitivity import allocate_ratios, prune_sensitivity
-    from pipeline.stages.prune import branch_ratios, units_in_scope
+    from pipeline.compression.prune import branch_ratios, units_in_scope
 
     batch = calib.subset(range(min(samples, len(calib))))
     inputs = tuple(torch.from_numpy(batch.inputs[k]) for k in ("image", "input_ids", "attention_mask"))

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from pipeline.data.encode import InputSpec
-from pipeline.stages.export import example_inputs
+from pipeline.export import example_inputs
 
 
 def main() -> None:

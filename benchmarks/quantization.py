@@ -41,7 +41,7 @@ from pipeline.parity import accuracy, compare
 from pipeline.quantization.evaluate import make_evaluator, ort_logits
 from pipeline.quantization.qdq import quiet
 from pipeline.runners import ort_session_options
-from pipeline.stages.quantize import quantize
+from pipeline.quantization.quantize import quantize
 from pipeline.store import sha256_file
 from pipeline.targets import resolve_target
 
@@ -70,7 +70,7 @@ def ort_defaults(fp32: Path, calibration: Encoded, output: Path) -> Path:
     from onnxruntime.quantization import quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from pipeline.stages.quantize import CALIBRATION_BATCH
+    from pipeline.quantization.quantize import CALIBRATION_BATCH
     prepared = output.with_suffix(".prepared.onnx")
     with quiet():
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
@@ -84,7 +84,7 @@ def tensorrt_all_ops(fp32: Path, calibration: Encoded, output: Path, percentile:
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from pipeline.stages.quantize import CALIBRATION_BATCH
+    from pipeline.quantization.quantize import CALIBRATION_BATCH
     prepared = output.with_suffix(".prepared.onnx")
     extra = {"QuantizeBias": False, "ActivationSymmetric": True, "WeightSymmetric": True,
              "CalibTensorRangeSymmetric": True, "CalibPercentile": percentile}

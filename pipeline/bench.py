@@ -17,6 +17,8 @@ from typing import Any
 from pipeline.errors import InputError
 from pipeline.report import read_manifest
 from pipeline.side_by_side import Latency, Timing, time_side_by_side
+from pipeline.models.checkpoint import input_spec_of, load_torch_artifact, read_description
+from pipeline.export import export_onnx
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,6 @@ def _stage_file(out: Path, manifest: dict[str, Any], name: str, kind: str) -> Pa
 
 
 def bench(out: Path, timing: Timing) -> BenchResult:
-    from pipeline.models.checkpoint import input_spec_of, load_torch_artifact, read_description
-    from pipeline.stages.export import export_onnx
 
     manifest = read_manifest(out)
     source = _stage_file(out, manifest, "source", "torch")

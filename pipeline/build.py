@@ -1,48 +1,57 @@
-"""The conductor: plan the stages, run them through the cache, gate every artifact, write the manifest.
+"""The conductor: run the declared passes through the cache, gate every artifact, write the manifest.
 
-The whole pipeline reads top to bottom in build(): source -> prune ->
-factorize -> export -> quantize -> engine (or device bundle); prune and
-factorize run when the target's compression asks for them. Stages are functions artifact ->
-artifact; this module is the only one that knows about caching, parity gates
-and the manifest.
+The whole pipeline reads top to bottom in build(): the passes in PASSES
+(source -> prune -> factorize -> export -> quantize), each declared by its
+module in pipeline/stages/, then the deploy step (a TensorRT engine, or a
+device bundle where TensorRT is absent). This module is the only one that
+knows about caching, parity gates and the manifest; a pass only says what it
+is (pipeline/stages/base.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.metadata
 import platform
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import __version__
+from pipeline import __version__, lint
 from pipeline.artifacts import Artifact
+from pipeline.bundle import Golden, write_bundle
 from pipeline.data import load_dataset
 from pipeline.data.base import Dataset
 from pipeline.data.calibration import CalibrationSet, load_calibration_set
-from pipeline.data.encode import Encoded, InputSpec, encode
-from pipeline.errors import EngineRequired, GateFailed
+from pipeline.data.encode import Encoded
+from pipeline.data.splits import Splits
+from pipeline.errors import EngineRequired, GateFailed, Interrupted
+from pipeline.fingerprint import code_fingerprint
 from pipeline.footprint import Footprint, onnx_footprint, torch_footprint
 from pipeline.kernels import kernel_facts, kernel_signature
+from pipeline.models.checkpoint import load_torch_artifact
+from pipeline.models.source import model_input_spec
 from pipeline.parity import Gate, ParityRow, check_gate, parity_row, unresolved_budget
 from pipeline.report import report_markdown
 from pipeline.runners import OrtRunner, Runner, run_batches
+from pipeline.stages import export, factorize, prune, quantize, source
+from pipeline.stages.base import Context, Measure, Pass
 from pipeline.store import Store, atomic_write_json, atomic_write_text, cache_key, canonical_json, sha256_bytes, sha256_file
-from pipeline.targets import Compression, Target
+from pipeline.targets import Target
 from pipeline.training import PrefixCache, TrainSettings, predict_logits
-
-if TYPE_CHECKING:
-    from pipeline.stages.recovery import Recovery
+from pipeline.trt.engine import build_engine, engine_metadata, engine_settings, local_tensorrt, tensorrt_status
+from pipeline.trt.runner import TrtRunner
+from pipeline.compression.prune import set_trainable_split
 
 MANIFEST_SCHEMA = 1
 GOLDEN_SAMPLES = 128
 SENSITIVITY_SAMPLES = 64
+PASSES = (source, prune, factorize, export, quantize)  # stage modules, in order; each declares its pass
 # Which artifacts' bytes may differ between CPU kinds (issue 11's AVX-512 Xeon and AVX2 EPYC, kernels unpinned):
 # the source's did not; prune's recovery (EfficientNet blocks trained through oneDNN) did, and so everything after it.
 CPU_DEPENDENT = {"measured": "kernels unpinned: source identical (sha256 06bff00a...), prune differed, on an AVX-512 Xeon and an AVX2 EPYC; "
@@ -83,6 +92,7 @@ class StageResult:
     # its latency is not side by side with the stages measured in this build
     footprint_reused: bool = False
     resolution: str | None = None  # set when the eval set is too small to resolve the gate's accuracy budget
+    code: str | None = None  # fingerprint of the pass's code (part of its cache key)
 
     def to_json(self, root: Path) -> dict[str, Any]:
         return {
@@ -92,6 +102,7 @@ class StageResult:
             "cached": self.cached,
             "wall_s": round(self.wall_s, 3),
             "settings": self.settings,
+            "code": self.code,
             "parity": self.parity.to_json() if self.parity else None,
             "gate": dataclasses.asdict(self.gate) if self.gate else None,
             "facts": self.facts,
@@ -116,23 +127,23 @@ def tool_versions(kernels: dict[str, Any]) -> dict[str, str]:
     return versions
 
 
-class Splits:
-    """Encoded splits, computed on first use: a fully cached rebuild decodes no image."""
+def config_json(config: Any) -> Any:
+    """A pass's frozen config as the cache key and the manifest see it."""
+    return json_safe(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config)
 
-    def __init__(self, dataset: Dataset, spec: InputSpec):
-        self.dataset = dataset
-        self.spec = spec
 
-    @functools.cache
-    def get(self, split: str) -> Encoded:
-        return encode(self.dataset.split(split), self.spec)
-
-    def fingerprint(self, split: str) -> str:
-        return sha256_bytes(canonical_json({"data": self.dataset.fingerprint, "split": split, "spec": self.spec.to_json()}).encode())
+def json_safe(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 class Conductor:
-    """Runs stages through the store's cache and keeps the ledger."""
+    """Runs passes through the store's cache, measures and gates their artifacts, and keeps the ledger."""
 
     def __init__(self, config: BuildConfig, store: Store, versions: dict[str, str], splits: Splits, progress: Callable[[str], None]):
         self.config = config
@@ -142,11 +153,32 @@ class Conductor:
         self.say = progress
         self.results: list[StageResult] = []
         self.logits: dict[str, np.ndarray] = {}
+        self.artifacts: dict[str, Artifact] = {}  # made so far, by pass name, in order
+        self.skipped: dict[str, str] = {}  # pass name -> why it did not apply
         self.prefix_cache = PrefixCache()  # frozen-prefix outputs shared by this build's trainings and torch outputs
         self.reused_footprints: set[str] = set()  # artifacts whose cost columns an earlier build measured
 
-    def run_stage(self, name: str, settings: dict, input_sha: str, produce: Callable[[Path], Artifact]) -> tuple[Artifact, bool, float]:
-        key = cache_key(name, settings, input_sha, self.versions)
+    # ---------------------------------------------------------------- running a pass
+
+    def run(self, declared: Pass) -> Artifact | None:
+        """Run (or fetch from the cache) one pass, measure its artifact, gate it against the source."""
+        if declared.skip:
+            self.say(f"[{declared.name}] skipped: {declared.skip}")
+            self.skipped[declared.name] = declared.skip
+            return None
+        settings, code = config_json(declared.config), code_fingerprint(declared.code)
+        artifact, cached, wall = self.run_stage(declared.name, settings, declared.input_sha, declared.run, code)
+        self.artifacts[declared.name] = artifact
+        logits = self.measure(artifact, "eval", declared.measure)
+        previous = self.results[-1].footprint if self.results else None
+        gate = getattr(self.config.target.gates, declared.gate) if declared.gate else None
+        self.record(declared.name, artifact, cached, wall, settings, logits, gate, dict(artifact.meta),
+                    self.footprint(artifact, counted_from=previous), code)
+        return artifact
+
+    def run_stage(self, name: str, settings: Any, input_sha: str, produce: Callable[[Path], Artifact], code: str) -> tuple[Artifact, bool, float]:
+        """The one place a cache key is made: the pass's config, its input, the tool versions and its code."""
+        key = cache_key(name, settings, input_sha, {**self.versions, "code": code})
         start = time.perf_counter()
         cached = self.store.cached(name, key)
         if cached is not None:
@@ -156,8 +188,17 @@ class Conductor:
         artifact = self.store.commit(name, key, produce)
         return artifact, False, time.perf_counter() - start
 
-    def outputs(self, artifact: Artifact, runner: Callable[[], Runner], split: str = "eval", how: dict | None = None) -> np.ndarray:
+    # ---------------------------------------------------------------- measuring
+
+    def measure(self, artifact: Artifact, split: str, how: Measure) -> np.ndarray:
         """Logits of an artifact on a split, cached by artifact content, split content and how it is run."""
+        if how.runner == "torch":
+            return self.torch_outputs(artifact, split, how)
+        config = dict(artifact.meta.get("ort_session_config") or {})
+        return self.outputs(artifact, lambda: OrtRunner(artifact.path, session_config=config), split,
+                            {"ort_session_config": config} if config else {})
+
+    def outputs(self, artifact: Artifact, runner: Callable[[], Runner], split: str = "eval", how: dict | None = None) -> np.ndarray:
         def compute(data: Encoded) -> np.ndarray:
             batches = tqdm(data.batches(self.config.eval_batch), total=-(-len(data) // self.config.eval_batch),
                            desc=f"  measuring {artifact.kind} on {split}", unit="batch", leave=False, disable=None)
@@ -165,20 +206,19 @@ class Conductor:
 
         return self._stored_logits(artifact, split, how or {}, compute)
 
-    def torch_outputs(self, artifact: Artifact, split: str = "eval", reach: Compression | None = None) -> np.ndarray:
-        """Logits of a torch artifact on a split, through the build's prefix cache (shared with its trainings).
+    def torch_outputs(self, artifact: Artifact, split: str, how: Measure) -> np.ndarray:
+        """Logits of a torch artifact, through the build's prefix cache (shared with its trainings).
 
-        reach: the compression stages' reach, for a model they made: loaded,
+        how.reach: the compression stages' reach, for a model they made: loaded,
         it splits where their recoveries did, so it reuses their prefix outputs.
         """
+
         batch = self.config.train.batch_size  # the trainings' batch size, so that their prefix outputs are reused
 
         def compute(data: Encoded) -> np.ndarray:
-            model = _load_torch(artifact)
-            if reach is not None:
-                from pipeline.stages.prune import set_trainable_split
-
-                set_trainable_split(model, text_layers=reach.text_layers, image_blocks=reach.image_blocks)
+            model = load_torch_artifact(artifact.path)
+            if how.reach is not None:
+                set_trainable_split(model, text_layers=how.reach.text_layers, image_blocks=how.reach.image_blocks)
             return predict_logits(model, data, batch, self.prefix_cache, desc=f"  measuring torch on {split}")
 
         return self._stored_logits(artifact, split, {"batch": batch, "frozen_prefix": "cached"}, compute)
@@ -207,26 +247,13 @@ class Conductor:
         self.store.save_json(key, found.to_json())
         return found
 
-    def recovery(self, reference: Artifact, epochs: int, lr: float) -> Recovery:
-        """Distillation from the reference model on the train split, checkpoints chosen by fidelity on calib."""
-        from pipeline.stages.recovery import Recovery
-
-        compression = self.config.target.compression
-        seed = recovery_seed(self.config)
-        return Recovery(self.splits.get("train"), self.splits.get("calib"), _load_torch(reference),
-                        dataclasses.replace(self.config.train, epochs=epochs, encoder_lr=lr, seed=seed),
-                        compression.recovery_patience, compression.recovery_mixed, self.prefix_cache)
-
-    def probe(self) -> Encoded:
-        """The samples sensitivity is measured on: the first of the calib split (never eval)."""
-        calib = self.splits.get("calib")
-        return calib.subset(range(min(SENSITIVITY_SAMPLES, len(calib))))
-
     def labels(self) -> np.ndarray:
         return np.asarray([s.label for s in self.splits.dataset.split("eval")], dtype=np.int64)
 
-    def record(self, name: str, artifact: Artifact, cached: bool, wall_s: float, settings: dict, logits: np.ndarray | None, gate: Gate | None,
-               facts: dict | None = None, footprint: Footprint | None = None) -> None:
+    # ---------------------------------------------------------------- the ledger and the gates
+
+    def record(self, name: str, artifact: Artifact, cached: bool, wall_s: float, settings: Any, logits: np.ndarray | None, gate: Gate | None,
+               facts: dict | None = None, footprint: Footprint | None = None, code: str | None = None) -> None:
         row = None
         if logits is not None:
             reference = self.logits.get("source", logits)
@@ -238,148 +265,26 @@ class Conductor:
             self.say(f"  note: {resolution}")
         self.results.append(StageResult(name, artifact, cached, wall_s, settings, row, gate, facts or {}, footprint,
                                         footprint_reused=footprint is not None and artifact.sha256 in self.reused_footprints,
-                                        resolution=resolution))
+                                        resolution=resolution, code=code))
         if row is not None and gate is not None:
             violations = check_gate(gate, row)
             if violations:
                 raise GateFailed(violations[0].message())
 
-
-# ------------------------------------------------------------------ stages as the conductor sees them
-
-
-def source_stage(c: Conductor, dataset: Dataset) -> Artifact:
-    from pipeline.stages.source import load_source, source_settings, train_source
-
-    config = c.config
-    settings = source_settings(config.model, dataset, config.fusion, config.train, config.weights)
-    input_sha = dataset.fingerprint if config.weights is None else sha256_file(config.weights)
-    if config.weights is None:
-        produce = lambda wd: train_source(config.model, dataset, config.fusion, config.train, c.splits, wd, c.prefix_cache)
-    else:
-        produce = lambda wd: load_source(config.model, dataset, config.fusion, config.weights, wd)
-    artifact, cached, wall = c.run_stage("source", settings, input_sha, produce)
-    logits = c.torch_outputs(artifact)
-    c.record("source", artifact, cached, wall, settings, logits, gate=None, facts=dict(artifact.meta), footprint=c.footprint(artifact))
-    return artifact
+    def context(self, dataset: Dataset, calibration: CalibrationSet) -> Context:
+        config = self.config
+        return Context(config.target, config.model, config.fusion, config.weights, config.train, config.simplifier, dataset, self.splits,
+                       self.splits.spec, calibration, self.prefix_cache, self.measure, SENSITIVITY_SAMPLES)
 
 
-def _load_torch(artifact: Artifact):
-    from pipeline.models.checkpoint import load_torch_artifact
-
-    return load_torch_artifact(artifact.path)
+# ------------------------------------------------------------------ deploy: the engine, or the device bundle
 
 
-def recovery_seed(config: BuildConfig) -> int:
-    """The seed the recoveries train with: the target's (or --recovery-seed), else the build's --seed."""
-    seed = config.target.compression.recovery_seed
-    return config.train.seed if seed is None else seed
-
-
-def compression_settings(c: Conductor, reference: Artifact) -> dict[str, Any]:
-    """What both structural stages' outputs depend on besides their own settings: reach, recovery, data, teacher."""
-    compression = c.config.target.compression
-    return {"reach": {"image_blocks": compression.image_blocks, "text_layers": compression.text_layers},
-            "recovery": {"epochs": compression.recovery_epochs, "lr": compression.recovery_lr, "train": dataclasses.asdict(c.config.train),
-                         "patience": compression.recovery_patience, "mixed": compression.recovery_mixed, "seed": recovery_seed(c.config),
-                         "selection": "calib KL to the teacher"},
-            "data": {split: c.splits.fingerprint(split) for split in ("train", "calib")}, "reference": reference.sha256}
-
-
-def prune_stage(c: Conductor, model: Artifact, reference: Artifact, spec: InputSpec) -> Artifact:
-    from pipeline.stages import prune as p
-
-    compression, gate = c.config.target.compression, c.config.target.gates.prune
-    settings = {**p.prune_settings(compression, compression.importance, "trainable"), "allocate": compression.allocate,
-                "budget_macs": compression.budget_macs,
-                **compression_settings(c, reference)}
-    recovery = lambda: c.recovery(reference, compression.recovery_epochs, compression.recovery_lr)
-    artifact, cached, wall = c.run_stage("prune", settings, model.sha256,
-                                         lambda wd: p.prune_stage(model, compression, spec, recovery(), c.probe(), wd))
-    logits = c.torch_outputs(artifact, reach=compression)
-    c.record("prune", artifact, cached, wall, settings, logits, gate, dict(artifact.meta), c.footprint(artifact))
-    return artifact
-
-
-def factorize_stage(c: Conductor, model: Artifact, reference: Artifact, spec: InputSpec) -> Artifact:
-    from pipeline.stages import factorize as f
-
-    compression, gate = c.config.target.compression, c.config.target.gates.factorize
-    # Factorization perturbs a model that already works: recovery fine-tunes at the model's own encoder
-    # rate. At recovery_lr (meant for pruning) the calib accuracy fell in the second epoch (BENCHMARKS.md).
-    lr = c.config.train.encoder_lr
-    settings = {**f.factorize_settings(compression.factorize_energy, scope="trainable", embeddings=compression.embedding_energy is not None,
-                                       embedding_energy=compression.embedding_energy),
-                "embedding_weights": "train-split token frequency + 0.2 uniform", **compression_settings(c, reference), "recovery_lr": lr}
-    epochs = compression.recovery_epochs if compression.factorize_epochs is None else compression.factorize_epochs
-    settings["recovery"] = {**settings["recovery"], "epochs": epochs}
-    recovery = lambda: c.recovery(reference, epochs, lr)
-    artifact, cached, wall = c.run_stage("factorize", settings, model.sha256,
-                                         lambda wd: f.factorize_stage(model, compression, spec, recovery(), c.probe(), wd))
-    logits = c.torch_outputs(artifact, reach=compression)
-    c.record("factorize", artifact, cached, wall, settings, logits, gate, dict(artifact.meta), c.footprint(artifact))
-    return artifact
-
-
-def export_stage(c: Conductor, torch_artifact: Artifact, spec: InputSpec) -> Artifact:
-    from pipeline.stages.export import OPSET, export_onnx
-
-    settings = {"simplifier": c.config.simplifier, "opset": OPSET, "spec": spec.to_json()}
-    artifact, cached, wall = c.run_stage("export", settings, torch_artifact.sha256,
-                                         lambda wd: export_onnx(_load_torch(torch_artifact), spec, wd, c.config.simplifier))
-    logits = c.outputs(artifact, lambda: OrtRunner(artifact.path))
-    c.record("export", artifact, cached, wall, settings, logits, c.config.target.gates.export, dict(artifact.meta),
-             c.footprint(artifact, counted_from=c.results[-1].footprint))
-    return artifact
-
-
-# The fallback tunes on calib (284 samples) for a gate judged on eval (474): near 0.97 their agreements differ by
-# about 0.013 (one standard deviation), and a cpu-form model tuned to 0.975 on calib measured 0.962 on eval. So it
-# tunes to the gate's agreement plus this margin.
-TUNING_AGREEMENT_MARGIN = 0.01
-
-
-def tuning_gate(gate: Gate) -> Gate:
-    """What the fallback tunes to on calib: the point estimates (an interval on 284 samples would never close), with margin."""
-    agreement = None if gate.min_agreement is None else min(1.0, gate.min_agreement + TUNING_AGREEMENT_MARGIN)
-    return dataclasses.replace(gate, min_agreement=agreement, mode="point")
-
-
-def quantize_stage(c: Conductor, fp32: Artifact, torch_artifact: Artifact, calibration: CalibrationSet) -> Artifact:
-    from pipeline.stages import quantize as q
-
-    target = c.config.target
-    settings = {**q.quantize_settings(target.quantize), "calibration": {"name": calibration.name, "sha256": calibration.sha256},
-                "tuning": c.splits.fingerprint("calib"), "gate": dataclasses.asdict(tuning_gate(target.gates.quantize))}
-
-    def produce(workdir: Path) -> Artifact:
-        calib = c.splits.get(calibration.split).select_ids(calibration.ids)
-        # The fallback tunes on the calib split, never on eval, so the eval gate stays an honest check.
-        reference = c.torch_outputs(torch_artifact, split="calib", reach=target.compression)
-        evaluator = q.make_evaluator(c.splits.get("calib"), reference, tuning_gate(target.gates.quantize))
-        return q.quantize(fp32, calib, target.quantize, workdir, evaluator=evaluator)
-
-    artifact, cached, wall = c.run_stage("quantize", settings, fp32.sha256, produce)
-    # The TensorRT form is measured with TensorRT's arithmetic (the stage says how to run it).
-    logits = c.outputs(artifact, lambda: OrtRunner(artifact.path, session_config=ort_session_config(artifact)),
-                       how={"ort_session_config": ort_session_config(artifact)})
-    c.record("quantize", artifact, cached, wall, settings, logits, target.gates.quantize, dict(artifact.meta),
-             c.footprint(artifact, counted_from=c.results[-1].footprint))
-    return artifact
-
-
-def ort_session_config(artifact: Artifact) -> dict[str, str]:
-    return dict(artifact.meta.get("ort_session_config") or {})
-
-
-def deploy_stage(c: Conductor, int8: Artifact) -> dict[str, Any]:
+def deploy(c: Conductor, int8: Artifact) -> dict[str, Any]:
     """Build the TensorRT engine where possible, else write the device bundle. Returns the manifest's engine entry."""
     target = c.config.target
     if target.software.runtime != "tensorrt":
         return {"status": "not-applicable", "reason": f"target '{target.name}' deploys the INT8 ONNX with ONNX Runtime"}
-    from pipeline import lint
-    from pipeline.stages.engine import tensorrt_status
-
     report = lint.lint_onnx(int8.path, target)
     report.raise_on_errors()
     available, reason = tensorrt_status()
@@ -398,8 +303,6 @@ def golden_indices(n: int, limit: int = GOLDEN_SAMPLES) -> np.ndarray:
 
 
 def bundle_stage(c: Conductor, int8: Artifact, lint_json: dict) -> Path:
-    from pipeline.bundle import Golden, write_bundle
-
     eval_data = c.splits.get("eval")
     index = golden_indices(len(eval_data))
     subset = eval_data.subset(index)
@@ -407,22 +310,20 @@ def bundle_stage(c: Conductor, int8: Artifact, lint_json: dict) -> Path:
                     reference_logits=c.logits["source"][index], int8_logits=c.logits["quantize"][index])
     c.say("[bundle] writing device bundle")
     return write_bundle(c.store.root, int8.path, c.config.target, golden, c.config.target.gates.engine, lint_json,
-                        ort_session_config=ort_session_config(int8))
+                        ort_session_config=dict(int8.meta.get("ort_session_config") or {}))
 
 
 def engine_stage(c: Conductor, int8: Artifact, lint_json: dict, status: str) -> dict[str, Any]:
-    from pipeline.runners_trt import TrtRunner
-    from pipeline.stages.engine import build_engine, engine_metadata, engine_settings, local_tensorrt
 
     target = c.config.target
     local = local_tensorrt()
-    settings = {**engine_settings(target), "tensorrt": local.tensorrt_version, "gpu": local.gpu_name, "cc": local.compute_capability}
+    settings = {**engine_settings(target), "tensorrt": local.tensorrt_version, "gpu": local.device_name, "cc": local.compute_capability}
 
     def produce(workdir: Path) -> Artifact:
         result = build_engine(int8.path, target, workdir, c.store.root / "timing-cache")
         return Artifact("engine", result.plan_path, sha256_file(result.plan_path), engine_metadata(result, target, int8.path))
 
-    artifact, cached, wall = c.run_stage("engine", settings, int8.sha256, produce)
+    artifact, cached, wall = c.run_stage("engine", settings, int8.sha256, produce, code_fingerprint("pipeline.trt.engine"))
     logits = c.outputs(artifact, lambda: TrtRunner(artifact.path))
     # The engine must agree with the INT8 ONNX it was built from.
     row = parity_row("engine", logits, c.logits["quantize"], c.logits["quantize"], c.labels())
@@ -433,28 +334,16 @@ def engine_stage(c: Conductor, int8: Artifact, lint_json: dict, status: str) -> 
     return {"status": "built", "reason": status, "plan": str(artifact.path.relative_to(c.store.root))}
 
 
-def compression_plan(compression: Compression, reference: Artifact) -> dict[str, Any]:
-    """Which structural stages run; a model the stages cannot read is left whole, and the manifest says why."""
-    from pipeline.compression.units import unsupported_reason
-    from pipeline.models.checkpoint import read_description
-
-    wanted = {"prune": compression.prunes(), "factorize": compression.factorizes()}
-    reason = unsupported_reason(read_description(reference.path)) if any(wanted.values()) else None
-    if reason:
-        return {"prune": False, "factorize": False, "skipped": reason}
-    return {**wanted, "skipped": None}
-
-
 # ------------------------------------------------------------------ the pipeline
 
 
 def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the pipeline; return the manifest (also written to out/manifest.json).
 
-    A failed gate still writes the manifest (status "failed") before GateFailed propagates.
+    The manifest is written however the build ends, and its status says how:
+    "ok", "failed" (a gate), "interrupted" (Ctrl-C or SIGTERM) or "error"
+    (any other exception, named); the exception then propagates.
     """
-    from pipeline.stages.source import model_input_spec
-
     store = Store(config.out)
     started = time.perf_counter()
     with store.lock():
@@ -464,38 +353,59 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
         calibration = load_calibration_set(config.target.quantize.calibration, dataset)
         spec = model_input_spec(config.model, dataset, config.fusion, config.weights)
         conductor = Conductor(config, store, versions, Splits(dataset, spec), progress)
+        context = conductor.context(dataset, calibration)
         engine: dict[str, Any] = {"status": "not-run"}
-        compression: dict[str, Any] = {"prune": False, "factorize": False, "skipped": None}
-        failure = None
-        try:
-            reference = source_stage(conductor, dataset)
-            model = reference
-            compression = compression_plan(config.target.compression, reference)
-            if compression["prune"]:
-                model = prune_stage(conductor, model, reference, spec)
-            if compression["factorize"]:
-                model = factorize_stage(conductor, model, reference, spec)
-            fp32 = export_stage(conductor, model, spec)
-            int8 = quantize_stage(conductor, fp32, model, calibration)
-            engine = deploy_stage(conductor, int8)
-        except GateFailed as error:
-            failure = str(error)
-            raise
-        finally:
-            manifest = make_manifest(config, versions, machine, dataset, calibration, conductor, engine, compression, failure,
-                                     time.perf_counter() - started)
+
+        def finish(ending: Ending) -> dict[str, Any]:
+            manifest = make_manifest(config, versions, machine, dataset, calibration, conductor, engine, ending, time.perf_counter() - started)
             atomic_write_json(store.root / "manifest.json", manifest)
             atomic_write_text(store.root / "report.md", report_markdown(manifest))
-    return manifest
+            return manifest
+
+        try:
+            for stage in PASSES:
+                conductor.run(stage.declare(context, conductor.artifacts))
+            engine = deploy(conductor, conductor.artifacts["quantize"])
+        except BaseException as error:
+            error.manifest = finish(Ending.of(error))  # the CLI prints how the build ended
+            raise
+        return finish(Ending("ok"))
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a build ended, as the manifest, report.md and --json say it."""
+
+    status: str  # "ok", "failed", "interrupted" or "error"
+    failure: str | None = None  # the gate's message, or what interrupted the build
+    error: dict[str, str] | None = None  # {"type", "message"} of the exception, for "error"
+
+    @staticmethod
+    def of(error: BaseException) -> "Ending":
+        if isinstance(error, GateFailed):
+            return Ending("failed", str(error))
+        if isinstance(error, Interrupted):
+            return Ending("interrupted", f"interrupted by {error.signal_name}")
+        if isinstance(error, KeyboardInterrupt):
+            return Ending("interrupted", f"interrupted by {signal.Signals.SIGINT.name}")
+        return Ending("error", f"{type(error).__name__}: {error}", {"type": type(error).__name__, "message": str(error)})
+
+
+def compression_summary(c: Conductor) -> dict[str, Any]:
+    """Which structural passes ran, and why one did not where the model (not the target) decided it."""
+    asked = {"prune": c.config.target.compression.prunes(), "factorize": c.config.target.compression.factorizes()}
+    unsupported = next((why for name, why in c.skipped.items() if name in asked and asked[name]), None)
+    return {"prune": "prune" in c.artifacts, "factorize": "factorize" in c.artifacts, "skipped": unsupported}
 
 
 def make_manifest(config: BuildConfig, versions: dict, machine: dict, dataset: Dataset, calibration: CalibrationSet, c: Conductor,
-                  engine: dict, compression: dict, failure: str | None, wall_s: float) -> dict[str, Any]:
+                  engine: dict, ending: Ending, wall_s: float) -> dict[str, Any]:
     root = c.store.root
     return {
         "schema": MANIFEST_SCHEMA,
-        "status": "failed" if failure else ("ok" if c.results else "error"),
-        "failure": failure,
+        "status": ending.status,
+        "failure": ending.failure,
+        "error": ending.error,
         "versions": versions,
         "machine": {**machine, "cpu_dependent": CPU_DEPENDENT},
         "target": config.target.to_json(),
@@ -509,7 +419,8 @@ def make_manifest(config: BuildConfig, versions: dict, machine: dict, dataset: D
             "splits": {name: len(samples) for name, samples in dataset.splits.items()},
             "calibration": {"name": calibration.name, "sha256": calibration.sha256, "size": len(calibration.ids), "frozen": calibration.frozen},
         },
-        "compression": compression,
+        "compression": compression_summary(c),
+        "skipped": dict(c.skipped),
         "stages": [result.to_json(root) for result in c.results],
         "engine": engine,
         "wall_s": round(wall_s, 2),

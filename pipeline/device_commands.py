@@ -24,7 +24,11 @@ import numpy as np
 from pipeline import parity
 from pipeline.bundle import Bundle, load_bundle
 from pipeline.errors import InputError, PipelineError
-from pipeline.stages.engine import PLAN_NAME, EngineResult, build_engine, local_tensorrt, target_mismatches
+from pipeline.trt.engine import PLAN_NAME, EngineResult, build_engine, local_tensorrt, target_mismatches
+from pipeline.trt.runner import TrtRunner
+from pipeline.runners import OrtRunner
+from pipeline.lint import lint_onnx
+from pipeline.targets import resolve_target
 
 LINT_FAILED_EXIT = 1
 GOLDEN_BATCH = 32  # ONNX Runtime runs the golden set in batches of this size
@@ -94,14 +98,12 @@ def engine_summary(result: EngineResult) -> str:
 
 def _runner(runtime: str, bundle: Bundle, plan: Path | None) -> Any:
     if runtime == "ort":
-        from pipeline.runners import OrtRunner
 
         return OrtRunner(bundle.model, name="onnxruntime", session_config=bundle.ort_session_config)
     plan = plan or bundle.device_dir / PLAN_NAME
     if not plan.is_file():
         raise InputError(f"{plan}: no TensorRT plan; build it with `python -m pipeline engine --bundle {bundle.path}` "
                          "(or check without a GPU: --runtime ort)")
-    from pipeline.runners_trt import TrtRunner
 
     return TrtRunner(plan)
 
@@ -157,8 +159,6 @@ def verify_command(args: argparse.Namespace) -> int:
 
 @_reporting_errors
 def inspect_command(args: argparse.Namespace) -> int:
-    from pipeline.lint import lint_onnx
-    from pipeline.targets import resolve_target
 
     report = lint_onnx(Path(args.model), resolve_target(args.target))
     print(json.dumps(report.to_json(), indent=2) if args.json else report.format_text())

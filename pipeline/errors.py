@@ -27,3 +27,12 @@ class EngineRequired(PipelineError):
     """--require-engine was given but no TensorRT engine could be built here."""
 
     exit_code = 4
+
+
+class Interrupted(BaseException):
+    """SIGTERM (or another stop signal) arrived during a build; like KeyboardInterrupt, not an Exception to be caught by accident."""
+
+    def __init__(self, signal_name: str, exit_code: int):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.exit_code = exit_code

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.encode import InputSpec
+from pipeline.compression.measure import macs_by_branch, onnx_cpu_latency_ms, params_by_branch
+from pipeline.models.checkpoint import load_torch_artifact
+from pipeline.export import example_inputs, export_onnx
 
 LATENCY_THREADS = 2
 LATENCY_BATCHES = (1, 16)
@@ -38,15 +41,11 @@ class Footprint:
 
 
 def onnx_latency(path: Path, spec: InputSpec, repeats: int = 20) -> dict[str, float]:
-    from pipeline.compression.measure import onnx_cpu_latency_ms
 
     return {k: round(v, 3) for k, v in onnx_cpu_latency_ms(path, spec, LATENCY_BATCHES, LATENCY_THREADS, repeats).items()}
 
 
 def torch_footprint(directory: Path, spec: InputSpec, simplifier: str, latency: bool = True) -> Footprint:
-    from pipeline.compression.measure import macs_by_branch, params_by_branch
-    from pipeline.models.checkpoint import load_torch_artifact
-    from pipeline.stages.export import example_inputs, export_onnx
 
     model = load_torch_artifact(directory)
     counts = {"params": params_by_branch(model), "macs": macs_by_branch(model, example_inputs(spec))}

@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 from typing import Any, MutableMapping
+from pipeline.errors import InputError
 
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 RECORDED = (*PINNED, "MKL_CBWR")  # MKL_CBWR is not set here, but one the user set changes the bytes: recorded and keyed
@@ -38,7 +39,6 @@ def pin_kernels(environ: MutableMapping[str, str] = os.environ) -> str:
     """Set the AVX2 kernel path unless the user chose otherwise; return the policy in force."""
     policy = environ.get(POLICY_VARIABLE, "avx2")
     if policy not in ("avx2", "native"):
-        from pipeline.errors import InputError
 
         raise InputError(f"{POLICY_VARIABLE}={policy!r}: choose 'avx2' (pin the kernels, the default) or 'native'")
     if policy == "avx2" and "torch" not in sys.modules:

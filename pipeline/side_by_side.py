@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.data.encode import InputSpec
 from pipeline.runners import ort_session_options
+from pipeline.export import example_inputs
 
 BATCHES = (1, 16)
 
@@ -44,7 +45,6 @@ class Latency:
 
 
 def _feeds(session, spec: InputSpec) -> dict[int, dict[str, np.ndarray]]:
-    from pipeline.stages.export import example_inputs
 
     names = [i.name for i in session.get_inputs()]
     return {batch: {n: t.numpy() for n, t in zip(names, example_inputs(spec, batch))} for batch in BATCHES}

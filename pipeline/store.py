@@ -3,8 +3,9 @@
 Everything a stage writes lands in a temporary directory first and is renamed
 into place only when complete, so a killed build never leaves a half-written
 artifact that a later run would trust. A cache entry is found by a key that
-hashes everything that changes the stage's output; on a hit the artifact's
-sha256 is checked again before it is reused.
+hashes everything that changes the stage's output (its config, its input,
+the tool versions and the code it runs); on a hit the artifact's sha256 is
+checked again before it is reused, and so are the cached logits the gates read.
 """
 
 from __future__ import annotations
@@ -154,18 +155,23 @@ class Store:
         return Artifact(kind=artifact.kind, path=final / relative, sha256=artifact.sha256, meta=artifact.meta)
 
     def cached_array(self, key: str) -> np.ndarray | None:
+        """The array stored under key, if present and its bytes still match the sha256 written beside it."""
         path = self.root / "outputs" / f"{key[:32]}.npy"
-        if not path.is_file():
-            return None
+        digest = path.with_suffix(".npy.sha256")
         try:
-            return np.load(path, allow_pickle=False)
+            data = path.read_bytes()
+            if sha256_bytes(data) != digest.read_text().strip():
+                return None
+            return np.load(io.BytesIO(data), allow_pickle=False)
         except (ValueError, OSError):
             return None
 
     def save_array(self, key: str, array: np.ndarray) -> None:
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
-        atomic_write_bytes(self.root / "outputs" / f"{key[:32]}.npy", buffer.getvalue())
+        path = self.root / "outputs" / f"{key[:32]}.npy"
+        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_text(path.with_suffix(".npy.sha256"), sha256_bytes(buffer.getvalue()) + "\n")  # written last: its presence vouches
 
     def cached_json(self, key: str) -> Any | None:
         path = self.root / "outputs" / f"{key[:32]}.json"

@@ -20,7 +20,7 @@ from pipeline.errors import InputError
 from pipeline.lint import lint_onnx
 from pipeline.parity import Gate
 from pipeline.runners import OrtRunner
-from pipeline.stages.engine import tensorrt_status
+from pipeline.trt.engine import tensorrt_status
 from pipeline.targets import resolve_target
 
 SAMPLES, CLASSES, SEQ = 12, 3, 5

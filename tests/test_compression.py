@@ -14,11 +14,11 @@ from pipeline.compression.units import prunable_units
 from pipeline.errors import InputError
 from pipeline.models import build_model, default_config
 from pipeline.models.checkpoint import describe_registry_model, load_torch_artifact, save_torch_artifact
-from pipeline.stages.export import example_inputs, export_onnx
-from pipeline.stages.factorize import factorize, rank_for_energy
-from pipeline.stages.prune import set_trainable_split, unit_group, channels_to_remove, prune, prune_settings, unit_scores, importance_scorer
+from pipeline.export import example_inputs, export_onnx
+from pipeline.compression.factorize import factorize, rank_for_energy
+from pipeline.compression.prune import set_trainable_split, unit_group, channels_to_remove, prune, prune_settings, unit_scores, importance_scorer
 from pipeline.data.encode import Encoded
-from pipeline.stages.quantize import quantize
+from pipeline.quantization.quantize import quantize
 from pipeline.targets import Compression, Quantize
 
 HALF = Compression(prune_image=0.5, prune_text=0.5, prune_fusion=0.5)
@@ -212,7 +212,7 @@ def test_simulated_pruning_equals_real_pruning():
 
 def test_efficientnet_pointwise_convs_are_factorizable_and_depthwise_are_not():
     from pipeline.models.image import EfficientNetLiteEncoder
-    from pipeline.stages.factorize import factorizable_layers
+    from pipeline.compression.factorize import factorizable_layers
 
     names = {name for name, _ in factorizable_layers(EfficientNetLiteEncoder(pretrained=False, trainable_blocks=1))}
     assert "blocks.3._expand_conv" in names and "blocks.3._project_conv" in names and "head.0" in names
@@ -221,7 +221,7 @@ def test_efficientnet_pointwise_convs_are_factorizable_and_depthwise_are_not():
 
 def test_simulated_embedding_factorization_equals_real_factorization():
     from pipeline.compression.sensitivity import factorize_sensitivity
-    from pipeline.stages.factorize import layers_with_energy
+    from pipeline.compression.factorize import layers_with_energy
 
     config, model = tiny()
     inputs = example_inputs(config.input_spec(), batch=4)
@@ -261,7 +261,7 @@ def test_recalibration_re_estimates_only_the_batchnorm_whose_conv_lost_inputs():
 
 
 def test_recovery_runs_to_a_plateau_and_keeps_the_checkpoint_closest_to_the_teacher():
-    from pipeline.stages.recovery import Recovery, recover
+    from pipeline.compression.recovery import Recovery, recover
     from pipeline.training import TrainSettings
 
     config, teacher = tiny("concat")
@@ -302,7 +302,7 @@ def test_a_macs_budget_scales_the_branch_ratios_until_it_fits():
     import dataclasses
 
     from pipeline.compression.measure import count_macs
-    from pipeline.stages.prune import fit_macs_budget
+    from pipeline.compression.prune import fit_macs_budget
 
     config, model = tiny()
     inputs = example_inputs(config.input_spec())
@@ -318,7 +318,7 @@ def test_a_macs_budget_scales_the_branch_ratios_until_it_fits():
 
 
 def test_token_weighted_embedding_factorization_keeps_the_rows_the_data_uses():
-    from pipeline.stages.factorize import token_frequencies
+    from pipeline.compression.factorize import token_frequencies
 
     config, model = tiny()
     table = model.text_encoder.embeddings.word_embeddings.weight.detach()
@@ -410,7 +410,7 @@ def random_samples(spec, n: int) -> Encoded:
 
 
 def test_recoveries_of_one_build_share_the_frozen_prefix_outputs():
-    from pipeline.stages.recovery import Recovery, recover
+    from pipeline.compression.recovery import Recovery, recover
     from pipeline.training import PrefixCache, TrainSettings
 
     config, model = tiny("concat")
@@ -446,8 +446,8 @@ def test_sensitivity_re_runs_from_the_frozen_prefix_with_the_same_logits():
 
 def test_batchnorm_recalibration_from_the_cached_prefix_equals_a_full_forward():
     from pipeline.compression.recalibrate import recalibrate_batchnorms
-    from pipeline.stages.prune import recalibration_inputs
-    from pipeline.stages.recovery import Recovery
+    from pipeline.compression.prune import recalibration_inputs
+    from pipeline.compression.recovery import Recovery
     from pipeline.training import PrefixCache, TrainSettings, prefix_outputs
 
     config = default_config("fused-effnet-minilm", 9)

@@ -11,7 +11,7 @@ from pipeline.models import build_model, default_config
 from pipeline.models.fusion import FUSIONS
 from pipeline.models.text import TextConfig, TextEncoder, load_minilm_weights, minilm_dir
 from pipeline.runners import OrtRunner, TorchRunner
-from pipeline.stages.export import example_inputs, export_onnx
+from pipeline.export import example_inputs, export_onnx
 from pipeline.training import PrefixCache, predict_logits
 
 

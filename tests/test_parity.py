@@ -149,7 +149,7 @@ def test_agreement_where_the_reference_is_sure_counts_only_those_samples():
 
 
 def test_the_quantize_fallback_tunes_with_margin_above_the_eval_gate():
-    from pipeline.build import TUNING_AGREEMENT_MARGIN, tuning_gate
+    from pipeline.stages.quantize import TUNING_AGREEMENT_MARGIN, tuning_gate
 
     gate = Gate(max_drop_pts=1.0, min_agreement=0.97, knob="k")
     tuned = tuning_gate(gate)

@@ -20,7 +20,7 @@ from pipeline.parity import Gate, check_gate, parity_row
 from pipeline.quantization.calibrate import TensorRange, calibrate, entropy_threshold, percentile_threshold
 from pipeline.quantization.evaluate import ort_logits
 from pipeline.runners import OrtRunner, run_batches
-from pipeline.stages.quantize import make_evaluator, quantize, quantize_settings
+from pipeline.quantization.quantize import make_evaluator, quantize, quantize_settings
 from pipeline.store import sha256_file
 from pipeline.targets import Quantize, resolve_target
 
@@ -109,7 +109,7 @@ def tiny_fp32(tmp_path_factory) -> tuple[Artifact, Encoded]:
     from pipeline.data import load_dataset
     from pipeline.data.encode import encode
     from pipeline.models import build_model, default_config
-    from pipeline.stages.export import export_onnx
+    from pipeline.export import export_onnx
 
     torch.manual_seed(0)
     config = default_config("fused-tiny", CLASSES)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.stages.engine import LocalTensorRT, target_mismatches, uses_weak_typing, version_matches
+from pipeline.trt.engine import LocalTensorRT, target_mismatches, uses_weak_typing, version_matches
 from pipeline.targets import TARGETS_DIR, available_targets, load_target_file, resolve_target, with_overrides
 
 SHIPPED = {

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CHECKED_FILES = (REPO / "pipeline" / "stages" / "engine.py", REPO / "pipeline" / "runners_trt.py")
+CHECKED_FILES = (REPO / "pipeline" / "trt" / "engine.py", REPO / "pipeline" / "trt" / "runner.py")
 MODULE_ALIASES = frozenset({"trt", "tensorrt"})
 
 # Which TensorRT class a variable (or self._attribute) of this name holds.
@@ -469,7 +469,7 @@ def test_legacy_functions_run_only_under_a_version_guard(scans):
 
 
 def test_legacy_functions_hold_the_removed_flags(scans):
-    engine_scan = scans["pipeline/stages/engine.py"]
+    engine_scan = scans["pipeline/trt/engine.py"]
     legacy = {".".join(use.chain) for use in engine_scan.uses if use.function.startswith(LEGACY_PREFIX)}
     assert {"BuilderFlag.INT8", "BuilderFlag.FP16", "NetworkDefinitionCreationFlag.EXPLICIT_BATCH"} <= legacy
 
@@ -534,7 +534,7 @@ import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from pipeline.errors import InputError  # noqa: E402
-from pipeline.stages import engine as engine_module  # noqa: E402
+from pipeline.trt import engine as engine_module  # noqa: E402
 from pipeline.targets import resolve_target  # noqa: E402
 
 INSPECTOR_JSON = _json.dumps({"Layers": [

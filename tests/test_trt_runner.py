@@ -16,14 +16,14 @@ import pytest
 
 from pipeline import device_commands
 from pipeline.runners import OrtRunner
-from pipeline.stages.engine import build_engine, read_engine_metadata, tensorrt_status
+from pipeline.trt.engine import build_engine, read_engine_metadata, tensorrt_status
 from pipeline.targets import Batch, resolve_target
 
 from test_bundle import golden_for, make_bundle, tiny_fused_model  # noqa: E402  (tests/ is on sys.path)
 
 
 def _require_tensorrt_and_cuda() -> None:
-    from pipeline.runners_trt import trt_runner_status
+    from pipeline.trt.runner import trt_runner_status
 
     available, reason = tensorrt_status()
     if not available:
@@ -46,7 +46,7 @@ def _with_batch(target, low, opt, high):
 
 
 def test_engine_matches_onnx_runtime_on_the_same_qdq_model(tmp_path, model_path):
-    from pipeline.runners_trt import TrtRunner
+    from pipeline.trt.runner import TrtRunner
 
     result = build_engine(model_path, resolve_target("jetson"), tmp_path / "engine", tmp_path / "cache")
     assert result.plan_path.is_file() and result.timing_cache_path.is_file()
@@ -69,7 +69,7 @@ def test_timing_cache_is_reused_on_the_second_build(tmp_path, model_path):
 
 
 def test_static_batch_engine_pads_and_splits(tmp_path, model_path):
-    from pipeline.runners_trt import TrtRunner
+    from pipeline.trt.runner import TrtRunner
 
     target = _with_batch(resolve_target("jetson"), 4, 4, 4)
     result = build_engine(model_path, target, tmp_path / "engine", None)

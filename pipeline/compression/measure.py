@@ -7,6 +7,9 @@ from typing import Sequence
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+import time
+import numpy as np
+from pipeline.export import example_inputs
 
 BRANCHES = ("image", "text", "fusion")
 # The parts of a FusedClassifier each branch is made of; the classifier counts with fusion.
@@ -53,12 +56,9 @@ def onnx_cpu_latency_ms(path, spec, batches: Sequence[int] = (1, 16), threads: i
     Inputs are the export stage's example inputs (random image, half-masked
     tokens): latency does not depend on the values.
     """
-    import time
 
-    import numpy as np
     import onnxruntime as ort
 
-    from pipeline.stages.export import example_inputs
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

@@ -21,6 +21,8 @@ from torch import nn
 
 from pipeline.compression.structure import dependency_graph
 from pipeline.compression.units import Unit, kept_channels
+from pipeline.compression.prune import channels_to_remove, importance_scorer, unit_group, unit_scores
+from pipeline.compression.factorize import low_rank_factors
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,6 @@ def prune_sensitivity(
     scorer: Callable | None = None,
 ) -> list[Sensitivity]:
     """Each unit pruned alone at probe_ratio (channels chosen as the prune stage would)."""
-    from pipeline.stages.prune import importance_scorer, unit_group, channels_to_remove, unit_scores
 
     scorer = scorer or importance_scorer("magnitude")
     runner = BranchRunner(model, inputs, frozen_prefix=all(unit.trainable for unit in units))
@@ -158,7 +159,6 @@ def factorize_sensitivity(
     token_weights: torch.Tensor | None = None,
 ) -> list[Sensitivity]:
     """Each (name, layer, energy) alone replaced by the low-rank product the factorize stage would build."""
-    from pipeline.stages.factorize import low_rank_factors
 
     runner = BranchRunner(model, inputs)
     results = []

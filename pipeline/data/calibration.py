@@ -25,6 +25,7 @@ from pipeline.data.base import SPLITS, Dataset, Sample
 from pipeline.data.emoji import seeded_order
 from pipeline.errors import InputError
 from pipeline.store import atomic_write_json, canonical_json, sha256_bytes
+from pipeline.data import load_dataset
 
 try:
     import tomllib
@@ -195,7 +196,6 @@ def load_calibration_set(name: str, dataset: Dataset, directory: Path | None = N
 
 def freeze_calibration_set(name: str, directory: Path | None = None, dataset: Dataset | None = None) -> Path:
     """Select the ids by the definition's rule and write <name>.ids.json; returns its path."""
-    from pipeline.data import load_dataset
 
     directory = Path(directory) if directory is not None else CALIBRATION_DIR
     definition = read_definition(name, directory)
@@ -221,7 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     freeze.add_argument("--dir", type=Path, default=None, help="calibration directory (default: the repository's)")
     args = parser.parse_args(argv)
     try:
-        from pipeline.data import load_dataset
 
         path = freeze_calibration_set(args.name, args.dir)
         definition = read_definition(args.name, Path(args.dir) if args.dir else CALIBRATION_DIR)

@@ -21,6 +21,8 @@ from pipeline.errors import InputError
 from pipeline.models import build_model
 from pipeline.models.fused import FusedConfig
 from pipeline.models.user import build_user_model
+from pipeline.compression.structure import apply_structure, structure_of
+from pipeline.export import example_inputs
 
 WEIGHTS = "model.pt"
 DESCRIPTION = "model.json"
@@ -52,8 +54,6 @@ def _with_structure(model: nn.Module, description: Mapping[str, Any]) -> nn.Modu
     steps = description.get("structure") or []
     if not steps:
         return model
-    from pipeline.compression.structure import apply_structure
-    from pipeline.stages.export import example_inputs
 
     return apply_structure(model, steps, example_inputs(input_spec_of(description)))
 
@@ -89,7 +89,6 @@ def load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
 
 def save_torch_artifact(directory: Path, model: nn.Module, description: Mapping[str, Any]) -> None:
     """Weights and description; a compressed model's structural steps go into the description."""
-    from pipeline.compression.structure import structure_of
 
     steps = structure_of(model)  # the model's own record wins over any copied from another artifact
     description = {k: v for k, v in description.items() if k != "structure"} | ({"structure": steps} if steps else {})

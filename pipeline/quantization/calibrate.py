@@ -19,6 +19,7 @@ from typing import Iterable, Literal, Mapping, Sequence
 import numpy as np
 
 from pipeline.data.encode import Encoded
+from pipeline.runners import ort_session_options
 
 Method = Literal["minmax", "entropy", "percentile"]
 CALIBRATION_BATCH = 16
@@ -57,7 +58,6 @@ def _session_with_outputs(model_path: Path, tensors: Sequence[str], threads: int
     import onnx
     import onnxruntime as ort
 
-    from pipeline.runners import ort_session_options
 
     model = onnx.load(str(model_path))
     present = {output.name for output in model.graph.output}

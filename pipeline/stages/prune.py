@@ -1,331 +1,60 @@
-"""Prune stage: structural pruning with Torch-Pruning's dependency graph, ratios per branch.
+"""The prune pass: structural pruning per branch, sensitivity-allocated when asked, then recovery by distillation.
 
-torch model -> thinner torch model (+ facts). Each unit (see
-pipeline.compression.units) keeps its most important channels by group
-importance (L2 magnitude by default, first-order Taylor on a labelled batch
-when asked), rounded to multiples of 8 or to whole attention heads. The graph
-removes the coupled channels everywhere (BNs, depthwise convs, the next
-layer's inputs, the fusion's inputs); the SelfAttention head counts are
-updated so the model still runs and exports. What was removed is recorded on
-the model (pipeline.compression.structure) so the torch artifact rebuilds.
-
-prune_stage is the stage as the conductor calls it: widen the trainable
-split to the compression's reach, drop the least sensitive text layers when
-the target asks for a shallower text branch (pipeline.compression.depth),
-measure each unit's sensitivity, prune,
-re-estimate the BatchNorm statistics pruning made stale
-(pipeline.compression.recalibrate), then recover by distillation
-(pipeline.stages.recovery).
+Widen the trainable split to the compression's reach, drop the least
+sensitive text layers when the target asks for a shallower text branch
+(pipeline.compression.depth), measure each unit's sensitivity, prune
+(pipeline.compression.prune), re-estimate the BatchNorm statistics pruning
+made stale (pipeline.compression.recalibrate), then recover
+(pipeline.compression.recovery).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Mapping
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from pipeline.compression.measure import macs_by_branch, params_by_branch
-from pipeline.compression.structure import append_step, dependency_graph, json_history, set_num_heads, sync_feature_widths
 from pipeline.artifacts import Artifact
-from pipeline.compression.units import Unit, kept_channels, prunable_units
+from pipeline.compression.depth import drop_text_layers
+from pipeline.compression.prune import (branch_ratios, check_ratios, fit_macs_budget, probe_tensors, prune, recalibration_inputs,
+                                        units_in_scope, widen_reach)
+from pipeline.compression.recalibrate import recalibrate_batchnorms
+from pipeline.compression.recovery import Recovery, recover
+from pipeline.compression.sensitivity import allocate_ratios, prune_sensitivity
 from pipeline.data.encode import Encoded, InputSpec
-from pipeline.errors import InputError
-from pipeline.stages.recovery import Recovery
+from pipeline.export import example_inputs
+from pipeline.models.checkpoint import load_torch_artifact, read_description, save_torch_artifact
+from pipeline.stages.base import Context, Measure, Pass
+from pipeline.stages.recovery import RecoveryConfig, recovery, recovery_config, structure_unsupported
 from pipeline.store import artifact_digest
 from pipeline.targets import Compression
 
-IMPORTANCES = ("magnitude", "taylor")
-MAX_BUDGET_RATIO = 0.9  # a MACs budget never prunes a unit by more than this
-RECALIBRATION_SAMPLES = 512  # train samples the stale BatchNorm statistics are re-estimated on
-RECALIBRATION_BATCH = 64
-Reach = Literal["trainable", "all"]
-# One reach for every branch, or one per branch, e.g. {"text": "all", "image": "trainable"}
-# (MiniLM layers are cheap to retrain at 16 tokens; EfficientNet's early blocks are not).
-Scope = Reach | Mapping[str, Reach]
-
 
 @dataclass(frozen=True)
-class UnitResult:
-    unit: str
-    branch: str
-    channels_before: int
-    channels_after: int
-    ratio: float
+class PruneConfig:
+    compression: Compression  # the target's, without the factorize pass's fields
+    recovery: RecoveryConfig
+    probe_samples: int
+    scope: str = "trainable"
 
 
-def branch_ratios(compression: Compression) -> dict[str, float]:
-    return {"image": compression.prune_image, "text": compression.prune_text, "fusion": compression.prune_fusion}
+def prune_only(compression: Compression) -> Compression:
+    return dataclasses.replace(compression, factorize_energy=None, embedding_energy=None, factorize_epochs=None)
 
 
-def prune_settings(compression: Compression, importance: str = "magnitude", scope: Scope = "trainable",
-                   unit_ratios: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """Everything that changes the pruned model: part of the stage's cache key."""
-    return {"ratios": branch_ratios(compression), "text_depth": compression.text_depth, "importance": importance, "scope": branch_scope(scope), "round_to": 8,
-            "unit_ratios": dict(sorted((unit_ratios or {}).items()))}
-
-
-def check_ratios(ratios: Mapping[str, float], units: Sequence[Unit]) -> None:
-    """Refuse ratios that would remove a whole branch or that have nothing to act on, before touching the model."""
-    for branch, ratio in ratios.items():
-        if not 0.0 <= ratio < 1.0:
-            raise InputError(f"compression.prune_{branch} = {ratio}: a pruning ratio must be in [0, 1); "
-                             f"{ratio} would remove {'every channel of' if ratio >= 1 else 'more than'} the {branch} branch")
-        if ratio > 0 and not any(u.branch == branch for u in units):
-            raise InputError(f"compression.prune_{branch} = {ratio}, but this model has no prunable {branch} units "
-                             "(only the reference fused models are supported); set it to 0")
-
-
-def check_unit_ratios(unit_ratios: Mapping[str, float], units: Sequence[Unit]) -> None:
-    known = {u.name for u in units}
-    for name, ratio in unit_ratios.items():
-        if name not in known:
-            raise InputError(f"unit_ratios names '{name}', which is not a prunable unit in scope ({', '.join(sorted(known)) or 'none'})")
-        if not 0.0 <= ratio < 1.0:
-            raise InputError(f"unit ratio {name} = {ratio}: a pruning ratio must be in [0, 1)")
-
-
-def branch_scope(scope: Scope) -> dict[str, str]:
-    reach = {branch: scope for branch in ("image", "text", "fusion")} if isinstance(scope, str) else {"image": "trainable", "text": "trainable", "fusion": "trainable", **scope}
-    for branch, value in reach.items():
-        if value not in ("trainable", "all"):
-            raise InputError(f"prune scope for {branch} is '{value}'; choose 'trainable' or 'all'")
-    return dict(sorted(reach.items()))
-
-
-def units_in_scope(model: nn.Module, scope: Scope) -> list[Unit]:
-    """The units a ratio reaches: 'trainable' keeps to the part recovery fine-tunes (encoder suffixes, fusion)."""
-    reach = branch_scope(scope)
-    return [u for u in prunable_units(model) if reach[u.branch] == "all" or u.trainable]
-
-
-def importance_scorer(importance: str):
-    import torch_pruning as tp
-
-    if importance == "magnitude":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if importance == "taylor":
-        return tp.importance.GroupTaylorImportance()
-    raise InputError(f"unknown importance '{importance}'; choose one of {', '.join(IMPORTANCES)}")
-
-
-def _accumulate_gradients(model: nn.Module, batch: tuple[Sequence[torch.Tensor], torch.Tensor]) -> None:
-    """One labelled batch's loss gradient on every weight: what Taylor importance multiplies the weights by."""
-    inputs, labels = batch
-    model.eval()  # frozen BN/dropout: the gradient of the model as it is deployed
-    with torch.enable_grad():
-        for p in model.parameters():
-            p.requires_grad_(True)
-            p.grad = None
-        F.cross_entropy(model(*inputs), labels).backward()
-
-
-def _clear_gradients(model: nn.Module) -> None:
-    for p in model.parameters():
-        p.grad = None
-        p.requires_grad_(False)
-
-
-def channels_to_remove(unit: Unit, scores: torch.Tensor, keep: int) -> list[int]:
-    """Indices of the least important channels (whole heads for attention: scores averaged per head)."""
-    if unit.step > 1:
-        heads = scores.view(-1, unit.step).mean(dim=1)
-        dropped_heads = torch.argsort(heads)[: heads.numel() - keep // unit.step].tolist()
-        return sorted(h * unit.step + d for h in dropped_heads for d in range(unit.step))
-    return sorted(torch.argsort(scores)[: scores.numel() - keep].tolist())
-
-
-def unit_group(graph, model: nn.Module, unit: Unit, indices: list[int]):
-    root = model.get_submodule(unit.root)
-    return graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, indices)
-
-
-def unit_scores(graph, model: nn.Module, unit: Unit, scorer) -> torch.Tensor:
-    """Group importance of each output channel of the unit's root, over all coupled layers."""
-    return scorer(unit_group(graph, model, unit, list(range(unit.channels)))).detach().float()
-
-
-def recovery_split(model: nn.Module, pruned_units: Sequence[str]) -> dict[str, int]:
-    """How many text layers / image blocks training must reach so every pruned unit can recover."""
-    split: dict[str, int] = {}
-    text_layers = [int(n.split(".")[1].removeprefix("layer")) for n in pruned_units if n.startswith("text.layer")]
-    image_blocks = [int(n.split(".")[1].removeprefix("block")) for n in pruned_units if n.startswith("image.block")]
-    if text_layers and hasattr(model, "text_encoder"):
-        split["text_layers"] = len(model.text_encoder.encoder.layer) - min(text_layers)
-    if image_blocks and hasattr(getattr(model, "image_encoder", None), "blocks"):
-        split["image_blocks"] = len(model.image_encoder.blocks) - min(image_blocks)
-    return split
-
-
-def set_trainable_split(model: nn.Module, text_layers: int | None = None, image_blocks: int | None = None) -> None:
-    """Move the frozen-prefix / trained-suffix split that pipeline.training.train uses (never narrower than now).
-
-    Recovery can only repair what it trains: after pruning early text layers the
-    text suffix must start at the first pruned layer. Text layers are cheap at
-    16 tokens; each extra EfficientNet block costs a forward+backward at its
-    resolution on every epoch, so widen the image split with care.
-    """
-    if text_layers is not None and hasattr(model, "text_encoder"):
-        encoder = model.text_encoder
-        encoder.split_at = min(encoder.split_at, max(0, len(encoder.encoder.layer) - text_layers))
-    if image_blocks is not None and hasattr(getattr(model, "image_encoder", None), "blocks"):
-        encoder = model.image_encoder
-        encoder.split_at = min(encoder.split_at, max(0, len(encoder.blocks) - image_blocks))
-
-
-def prune(
-    model: nn.Module,
-    compression: Compression,
-    example_inputs: tuple,
-    importance: str = "magnitude",
-    scope: Scope = "trainable",
-    unit_ratios: Mapping[str, float] | None = None,
-    importance_batch: tuple[Sequence[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """A pruned copy of model and the facts of what went.
-
-    compression: ratios per branch (image, text, fusion); a ratio of 0 leaves the branch alone.
-    scope: 'trainable' prunes only what pipeline.training.train can recover as the model is split (encoder
-        suffixes, fusion); 'all' prunes every unit (recovery must then reach it: see facts["recovery_split"] and
-        set_trainable_split); or a reach per branch, e.g. {"text": "all", "image": "trainable"}.
-    unit_ratios: per-unit ratios (from pipeline.compression.sensitivity.allocate) overriding the branch ratio.
-    importance_batch: (inputs, labels) for importance='taylor'.
-    """
-    scorer = importance_scorer(importance)
-    if importance == "taylor" and importance_batch is None:
-        raise InputError("importance='taylor' needs a labelled batch (importance_batch) to take gradients on")
-    ratios = branch_ratios(compression)
-    units = units_in_scope(model, scope)
-    check_ratios(ratios, units)
-    check_unit_ratios(unit_ratios or {}, units)
-
-    pruned = copy.deepcopy(model).eval()
-    params_before, macs_before = params_by_branch(pruned), macs_by_branch(pruned, example_inputs)
-    graph = dependency_graph(pruned, example_inputs)
-    if importance == "taylor":
-        _accumulate_gradients(pruned, importance_batch)
-    results, num_heads = [], {}
-    for unit in units:
-        ratio = (unit_ratios or {}).get(unit.name, ratios[unit.branch])
-        keep = kept_channels(unit, ratio)
-        if ratio <= 0 or keep >= unit.channels:
-            continue
-        indices = channels_to_remove(unit, unit_scores(graph, pruned, unit, scorer), keep)
-        unit_group(graph, pruned, unit, indices).prune()
-        if unit.attention is not None:
-            num_heads[unit.attention] = keep // unit.step
-        results.append(UnitResult(unit.name, unit.branch, unit.channels, keep, ratio))
-    _clear_gradients(pruned)
-    set_num_heads(pruned, num_heads)
-    sync_feature_widths(pruned)
-    append_step(pruned, {"op": "prune", "history": json_history(graph.pruning_history()), "num_heads": num_heads})
-
-    facts = {
-        "settings": prune_settings(compression, importance, scope, unit_ratios),
-        "params_before": params_before,
-        "params_after": params_by_branch(pruned),
-        "macs_before": macs_before,
-        "macs_after": macs_by_branch(pruned, example_inputs),
-        "groups_pruned": len(results),
-        "units": [asdict(r) for r in results],
-        "untouched_units": [u.name for u in prunable_units(model) if u.name not in {r.unit for r in results}],
-        "recovery_split": recovery_split(model, [r.unit for r in results]),
-    }
-    return pruned, facts
-
-
-# ---------------------------------------------------------------- the stage: torch artifact -> pruned, recovered torch artifact
-
-
-def widen_reach(model: nn.Module, compression: Compression) -> None:
-    """Make the trainable split the compression's reach: what is pruned is what recovery trains."""
-    set_trainable_split(model, text_layers=compression.text_layers, image_blocks=compression.image_blocks)
-
-
-MODEL_INPUTS = ("image", "input_ids", "attention_mask")  # the reference fused models' forward arguments
-
-
-def model_batches(data: Encoded, limit: int, size: int = 64) -> list[tuple[torch.Tensor, ...]]:
-    """The first `limit` samples as batches of model inputs."""
-    head = data.subset(range(min(limit, len(data))))
-    return [tuple(torch.from_numpy(b[k]) for k in MODEL_INPUTS) for b in head.batches(size)]
-
-
-def probe_tensors(probe: Encoded) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """All of probe as one batch of model inputs, and its labels."""
-    (inputs,) = model_batches(probe, len(probe), size=max(len(probe), 1))
-    return inputs, torch.from_numpy(probe.labels)
-
-
-def scaled(compression: Compression, factor: float) -> Compression:
-    return dataclasses.replace(compression, prune_image=compression.prune_image * factor, prune_text=compression.prune_text * factor,
-                               prune_fusion=compression.prune_fusion * factor)
-
-
-def fit_macs_budget(model: nn.Module, compression: Compression, example_inputs: tuple,
-                    allocate: Callable[[Compression], Mapping[str, float] | None], steps: int = 8) -> tuple[Compression, dict[str, Any]]:
-    """Scale every branch ratio by one factor: the smallest whose pruned model has at most budget_macs of model's MACs.
-
-    The target's branch ratios say how the budget is split between branches
-    (and allocate() how within a branch); the factor is found by bisection,
-    pruning a copy at each step (shapes only, no recovery).
-    """
-    from pipeline.compression.measure import count_macs
-
-    budget, reference = compression.budget_macs, count_macs(model, example_inputs)
-    highest = max(branch_ratios(compression).values())
-    if highest <= 0:
-        raise InputError(f"compression.budget_macs = {budget} needs at least one prune ratio > 0 to say which branches may shrink")
-    macs_at = lambda factor: count_macs(prune(model, scaled(compression, factor), example_inputs, "magnitude", "trainable",
-                                              allocate(scaled(compression, factor)))[0], example_inputs) / reference
-    low, high = 0.0, MAX_BUDGET_RATIO / highest
-    if macs_at(high) > budget:
-        raise InputError(f"compression.budget_macs = {budget}: even ratios of up to {MAX_BUDGET_RATIO} leave {macs_at(high):.2f} of the MACs; "
-                         "widen the reach (compression.image_blocks / text_layers) or raise the budget")
-    if macs_at(1.0) <= budget:  # the target's ratios already fit: keep them
-        high = 1.0
-    else:
-        for _ in range(steps):
-            middle = (low + high) / 2
-            low, high = (low, middle) if macs_at(middle) <= budget else (middle, high)
-    fitted = scaled(compression, high)
-    return fitted, {"macs_fraction": budget, "factor": round(high, 4), "ratios": branch_ratios(fitted), "macs_after": round(macs_at(high), 4)}
-
-
-def recalibration_inputs(model: nn.Module, pruned: nn.Module, recovery: Recovery) -> tuple[list[tuple[torch.Tensor, ...]], Callable | None]:
-    """Batches (and how to run them) for re-estimating pruned's stale BatchNorms on the first train samples.
-
-    When they all sit in the image encoder's trainable suffix, the batches are
-    the frozen prefix's outputs, taken from (and left in) the build's prefix
-    cache that recovery reads next: the high-resolution blocks run once.
-    """
-    from pipeline.compression.recalibrate import stale_batchnorms
-    from pipeline.training import prefix_outputs
-
-    encoder = getattr(pruned, "image_encoder", None)
-    modules = dict(pruned.named_modules())
-    suffix = {id(m) for part in (encoder.suffix_modules() if hasattr(encoder, "suffix_modules") else []) for m in part.modules()}
-    stale = stale_batchnorms(model, pruned)
-    if recovery.prefix_cache is None or not stale or not all(id(modules[name]) in suffix for name in stale):
-        return model_batches(recovery.train, RECALIBRATION_SAMPLES, RECALIBRATION_BATCH), None
-    image, _ = prefix_outputs(pruned, recovery.train, recovery.settings.batch_size, recovery.prefix_cache)
-    return [(rows,) for rows in image[:RECALIBRATION_SAMPLES].split(RECALIBRATION_BATCH)], lambda batch: encoder.suffix(*batch)
+def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:
+    compression, source = ctx.target.compression, done["source"]
+    config = PruneConfig(prune_only(compression), recovery_config(ctx, source, compression.recovery_epochs, compression.recovery_lr),
+                         ctx.probe_samples)
+    skip = "the target asks for no pruning" if not compression.prunes() else structure_unsupported(done)
+    model = next(reversed(done.values()))
+    run = lambda workdir: prune_stage(model, config.compression, ctx.spec, recovery(ctx, source, config.recovery), ctx.probe(), workdir)
+    return Pass("prune", config, model.sha256, run, Measure("torch", reach=compression), code=__name__, gate="prune", skip=skip)
 
 
 def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, recovery: Recovery, probe: Encoded, workdir: Path) -> Artifact:
     """Prune a torch artifact per branch (sensitivity measured on probe, ratios allocated when asked), then recover it."""
-    from pipeline.compression.depth import drop_text_layers
-    from pipeline.compression.recalibrate import recalibrate_batchnorms
-    from pipeline.compression.sensitivity import allocate_ratios, prune_sensitivity
-    from pipeline.models.checkpoint import load_torch_artifact, read_description, save_torch_artifact
-    from pipeline.stages.export import example_inputs
-    from pipeline.stages.recovery import recover
-
     model = load_torch_artifact(source.path)
     inputs, labels = probe_tensors(probe)
     depth = drop_text_layers(model, compression.text_depth, inputs, labels) if compression.text_depth is not None else None

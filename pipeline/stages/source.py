@@ -1,99 +1,39 @@
-"""Source stage: train the fused model on the data set, or load a user's weights.
-
-Produces a torch artifact (a directory with model.pt + model.json) that every
-later stage starts from; its outputs on the eval split are the reference the
-parity ledger compares everything with.
-"""
+"""The source pass: train the model on the train split (or load the user's weights). The reference every stage is compared with."""
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from dataclasses import dataclass
+from typing import Mapping
 
 from pipeline.artifacts import Artifact
-from pipeline.data.base import Dataset
-from pipeline.data.encode import InputSpec
-from pipeline.errors import InputError
-from pipeline.models import build_model, default_config
-from pipeline.models.checkpoint import (describe_registry_model, describe_user_model, load_weights_into,
-                                        read_state_dict, save_torch_artifact)
-from pipeline.models.user import build_user_model, is_factory_reference
-from pipeline.store import artifact_digest
-from pipeline.training import PrefixCache, TrainSettings, train
-
-ARTIFACT_DIR = "torch"
+from pipeline.models.source import load_source, train_source
+from pipeline.models.user import is_factory_reference
+from pipeline.stages.base import Context, Measure, Pass
+from pipeline.store import sha256_file
+from pipeline.training import TrainSettings
 
 
-def user_input_spec(model: nn.Module) -> InputSpec:
-    spec = getattr(model, "input_spec", None)
-    if spec is None:
-        return InputSpec()
-    if isinstance(spec, InputSpec):
-        return spec
-    if isinstance(spec, dict):
-        return InputSpec(**spec)
-    raise InputError(f"the model's input_spec must be a pipeline.data.encode.InputSpec or a dict, got {type(spec).__name__}")
+@dataclass(frozen=True)
+class SourceConfig:
+    model: str
+    fusion: str | None
+    classes: tuple[str, ...]
+    mode: str  # "train" or "load"
+    train: TrainSettings | None  # None when loading
+    # A user's factory is code outside pipeline/: it is not fingerprinted (issue 14).
+    factory_note: str | None = None
 
 
-def model_input_spec(model_name: str, dataset: Dataset, fusion: str | None, weights: Path | None) -> InputSpec:
-    del weights  # the architecture, not the weights, decides the inputs
-    if is_factory_reference(model_name):
-        return user_input_spec(build_user_model(model_name, len(dataset.classes)))
-    return default_config(model_name, len(dataset.classes), fusion).input_spec()
-
-
-def _describe_and_build(model_name: str, dataset: Dataset, fusion: str | None, pretrained: bool) -> tuple[nn.Module, dict]:
-    classes = len(dataset.classes)
-    if is_factory_reference(model_name):
-        if fusion:
-            raise InputError("--fusion applies to the built-in models only, not to --model package.module:factory")
-        model = build_user_model(model_name, classes)
-        return model, describe_user_model(model_name, classes, user_input_spec(model))
-    config = default_config(model_name, classes, fusion)
-    return build_model(config, pretrained=pretrained), describe_registry_model(config)
-
-
-def source_settings(model_name: str, dataset: Dataset, fusion: str | None, settings: TrainSettings, weights: Path | None) -> dict[str, Any]:
-    base = {"model": model_name, "fusion": fusion, "classes": list(dataset.classes)}
-    if is_factory_reference(model_name):
-        base["factory_note"] = "user code is not hashed: change the model name or clear the output dir after editing it"
-    if weights is not None:
-        return {**base, "mode": "load"}
-    return {**base, "mode": "train", "train": dataclasses.asdict(settings)}
-
-
-def parameter_count(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
-
-
-def _finish(model: nn.Module, description: dict, workdir: Path, meta: dict) -> Artifact:
-    directory = workdir / ARTIFACT_DIR
-    save_torch_artifact(directory, model, description)
-    return Artifact(kind="torch", path=directory, sha256=artifact_digest(directory),
-                    meta={"params": parameter_count(model), "input_spec": description["input_spec"], **meta})
-
-
-def train_source(model_name: str, dataset: Dataset, fusion: str | None, settings: TrainSettings, splits: Any, workdir: Path,
-                 prefix_cache: PrefixCache | None = None) -> Artifact:
-    """Train (seeded); keep the checkpoint with the best accuracy on the calib split.
-
-    prefix_cache keeps the frozen prefix's outputs for the build's later uses
-    of this model (its logits on train and calib are the teacher of recovery).
-    """
-    torch.manual_seed(settings.seed)
-    model, description = _describe_and_build(model_name, dataset, fusion, pretrained=True)
-    model, report = train(model, splits.get("train"), splits.get("calib"), settings, desc="train", prefix_cache=prefix_cache)
-    meta = {"trained": {"epochs_run": report.epochs_run, "best_epoch": report.best_epoch, "val_accuracy": report.best_val_accuracy,
-                        "history": [list(h) for h in report.history]}}
-    return _finish(model, description, workdir, meta)
-
-
-def load_source(model_name: str, dataset: Dataset, fusion: str | None, weights: Path, workdir: Path) -> Artifact:
-    """Load a state dict (weights_only=True) into the named architecture."""
-    model, description = _describe_and_build(model_name, dataset, fusion, pretrained=False)
-    load_weights_into(model, read_state_dict(Path(weights)), Path(weights))
-    return _finish(model.eval(), description, workdir, {"loaded_from": str(weights)})
+def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:
+    del done
+    loading = ctx.weights is not None
+    config = SourceConfig(ctx.model, ctx.fusion, tuple(ctx.dataset.classes), "load" if loading else "train", None if loading else ctx.train,
+                          "user code is not hashed: change the model name or clear the output dir after editing it"
+                          if is_factory_reference(ctx.model) else None)
+    if loading:
+        run = lambda workdir: load_source(ctx.model, ctx.dataset, ctx.fusion, ctx.weights, workdir)
+        input_sha = sha256_file(ctx.weights)
+    else:
+        run = lambda workdir: train_source(ctx.model, ctx.dataset, ctx.fusion, ctx.train, ctx.splits, workdir, ctx.prefix_cache)
+        input_sha = ctx.dataset.fingerprint
+    return Pass("source", config, input_sha, run, Measure("torch"), code=__name__)

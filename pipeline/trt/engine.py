@@ -400,7 +400,7 @@ def _configure(trt: Any, builder: Any, network: Any, config: Any, target: Target
         config.hardware_compatibility_level = _hardware_level(trt, settings.hardware_compatibility)
     if settings.version_compatible:
         # The plan embeds the lean runtime; the runner then sets
-        # runtime.engine_host_code_allowed (see pipeline.runners_trt).
+        # runtime.engine_host_code_allowed (see pipeline.trt.runner).
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     return notes
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from pipeline.errors import EngineRequired, PipelineError
-from pipeline.stages.engine import read_engine_metadata
+from pipeline.trt.engine import read_engine_metadata
 
 Inputs = Mapping[str, np.ndarray]
 
@@ -68,7 +68,7 @@ def _torch_dtype(trt: Any, torch: Any, data_type: Any) -> Any:
 
 
 class TrtRunner:
-    """Runs a plan file built by pipeline.stages.engine (or trtexec) on CUDA device 0."""
+    """Runs a plan file built by pipeline.trt.engine (or trtexec) on CUDA device 0."""
 
     def __init__(self, plan_path: Path, name: str = "tensorrt", output_name: str | None = None):
         ok, reason = trt_runner_status()

@@ -1,0 +1,1 @@
+"""TensorRT: building, inspecting and running engines (TensorRT itself is imported lazily)."""
