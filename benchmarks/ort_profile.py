@@ -15,10 +15,9 @@ import json
 import tempfile
 from pathlib import Path
 
-import onnxruntime as ort
-
 from pipeline.data.encode import InputSpec
 from pipeline.export import example_inputs
+from pipeline.runners import ort_session
 
 
 def main() -> None:
@@ -29,11 +28,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=192)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(args.onnx), options, providers=["CPUExecutionProvider"])
+        session = ort_session(args.onnx, threads=2, profile_prefix=Path(tmp) / "profile")
         names = [i.name for i in session.get_inputs()]
         feed = {n: t.numpy() for n, t in zip(names, example_inputs(InputSpec(image_size=args.image_size), args.batch))}
         for _ in range(args.runs):

@@ -8,7 +8,8 @@ S8, per-channel, percentile), and this project's two forms (tensorrt, cpu)
 with the accuracy-aware fallback tuned on the calib split. Reports accuracy,
 top-1 agreement with the FP32 model, file size, and ONNX Runtime CPU latency
 at batch 1 and 16 (2 threads, median of repeated runs, variants interleaved
-so that load on the machine hits them alike). Writes a markdown table with
+so that load on the machine hits them alike, each turn warmed up by
+pipeline.timing's rule). Writes a markdown table with
 the command that produced it to benchmarks/results/quantization.md.
 
 Parity of TensorRT-form files is measured two ways: as ONNX Runtime's x86
@@ -23,7 +24,6 @@ import logging
 import platform
 import shlex
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -40,10 +40,11 @@ from pipeline.data.encode import Encoded, InputSpec, encode
 from pipeline.parity import accuracy, compare
 from pipeline.quantization.evaluate import make_evaluator, ort_logits
 from pipeline.quantization.qdq import quiet
-from pipeline.runners import ort_session_options
+from pipeline.runners import ort_session
 from pipeline.quantization.quantize import quantize
 from pipeline.store import sha256_file
 from pipeline.targets import resolve_target
+from pipeline.timing import WarmUp, time_interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quantization.md"
 EMULATE_TENSORRT = {"session.disable_quant_qdq": "1"}
@@ -123,21 +124,20 @@ def ours(fp32: Path, calibration: Encoded, tuning: Encoded, target_name: str, wo
 
 
 def latency_ms(variants: list[Variant], data: Encoded, threads: int, repeats: int, batch: int) -> dict[str, float]:
-    """Median wall time of one run per variant, variants interleaved run by run."""
-    import onnxruntime as ort
+    """Median wall time of one run per variant, variants interleaved run by run.
 
+    Each of the `repeats` rounds gives every variant one turn: pipeline.timing's
+    warm-up, then one timed run (a run right after a switch of session is slow).
+    """
     feed_all = next(data.batches(batch))
-    sessions = {v.name: ort.InferenceSession(str(v.path), sess_options=ort_session_options(threads),
-                                             providers=["CPUExecutionProvider"]) for v in variants}
-    feeds = {name: {i.name: feed_all[i.name] for i in session.get_inputs()} for name, session in sessions.items()}
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for round_ in range(repeats + 2):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feeds[name])
-            if round_ >= 2:  # two warm-up runs
-                times[name].append(1000.0 * (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in times.items()}
+    sessions = {v.name: ort_session(v.path, threads) for v in variants}
+    calls = [_one_run(session, {i.name: feed_all[i.name] for i in session.get_inputs()}) for session in sessions.values()]
+    measured = time_interleaved(calls, runs=1, rounds=repeats, warmup=WarmUp())
+    return {name: m.median_ms for name, m in zip(sessions, measured)}
+
+
+def _one_run(session, feed: Mapping[str, np.ndarray]) -> Callable[[], object]:
+    return lambda: session.run(None, feed)
 
 
 def parity(variant: Variant, data: Encoded, reference: np.ndarray, threads: int) -> dict[str, float]:
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
              f"calibration set `{args.calibration}`: {len(calibration)} samples; tuning (fallback): calib split, {len(tuning)} samples; "
              f"measured on the eval split: {len(evaluation)} samples, agreement against the FP32 ONNX",
              f"ONNX Runtime {onnxruntime.__version__}, CPU EP, {args.threads} threads, {platform.processor() or platform.machine()}; "
-             f"latency: median of {args.repeats} (batch 1) / {max(3, args.repeats // 4)} (batch 16) interleaved runs after 2 warm-ups",
+             f"latency: median of {args.repeats} (batch 1) / {max(3, args.repeats // 4)} (batch 16) interleaved runs, "
+             f"each after a warm-up of at least {WarmUp().runs} runs and {WarmUp().seconds:g} s",
              *args.note]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(markdown(rows, command, facts))

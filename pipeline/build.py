@@ -1,8 +1,8 @@
 """The conductor: run the declared passes through the cache, gate every artifact, write the manifest.
 
-The whole pipeline reads top to bottom in build(): the passes in PASSES
-(source -> prune -> factorize -> export -> quantize), each declared by its
-module in pipeline/stages/, then the deploy step (a TensorRT engine, or a
+The whole pipeline reads top to bottom in build(): the passes the target
+lists (source -> prune -> factorize -> export -> quantize by default), each
+declared by its module in pipeline/stages/ (PASSES), then the deploy step (a TensorRT engine, or a
 device bundle where TensorRT is absent). This module is the only one that
 knows about caching, parity gates and the manifest; a pass only says what it
 is (pipeline/stages/base.py).
@@ -51,7 +51,8 @@ from pipeline.compression.prune import set_trainable_split
 MANIFEST_SCHEMA = 1
 GOLDEN_SAMPLES = 128
 SENSITIVITY_SAMPLES = 64
-PASSES = (source, prune, factorize, export, quantize)  # stage modules, in order; each declares its pass
+# The stage modules by pass name; each declares its pass. A target lists the ones it runs, in this order (Target.passes).
+PASSES = {"source": source, "prune": prune, "factorize": factorize, "export": export, "quantize": quantize}
 # Which artifacts' bytes may differ between CPU kinds (issue 11's AVX-512 Xeon and AVX2 EPYC, kernels unpinned):
 # the source's did not; prune's recovery (EfficientNet blocks trained through oneDNN) did, and so everything after it.
 CPU_DEPENDENT = {"measured": "kernels unpinned: source identical (sha256 06bff00a...), prune differed, on an AVX-512 Xeon and an AVX2 EPYC; "
@@ -363,8 +364,8 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
             return manifest
 
         try:
-            for stage in PASSES:
-                conductor.run(stage.declare(context, conductor.artifacts))
+            for name in config.target.passes:
+                conductor.run(PASSES[name].declare(context, conductor.artifacts))
             engine = deploy(conductor, conductor.artifacts["quantize"])
         except BaseException as error:
             error.manifest = finish(Ending.of(error))  # the CLI prints how the build ended

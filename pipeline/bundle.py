@@ -28,6 +28,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+import onnx
+
 from pipeline.errors import InputError
 from pipeline.parity import Gate
 from pipeline.store import fsync_tree, sha256_file
@@ -168,7 +170,6 @@ def thresholds_json(thresholds: Gate, ort_session_config: Mapping[str, str] | No
 
 def _ensure_self_contained(onnx_path: Path) -> None:
     """The bundle carries one ONNX file: weights in external data files would be left behind."""
-    import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     external = [init.name for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]

@@ -18,6 +18,9 @@ from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
 
+import onnx
+from onnx import TensorProto, numpy_helper
+
 from pipeline.errors import InputError
 from pipeline.onnx_graph import producers_and_consumers
 from pipeline.targets import Target, version_tuple
@@ -186,7 +189,6 @@ class _Graph:
 
 
 def _initializer_value(init: Any) -> np.ndarray | None:
-    from onnx import TensorProto, numpy_helper
 
     if init.data_location == TensorProto.EXTERNAL:
         return None
@@ -194,7 +196,6 @@ def _initializer_value(init: Any) -> np.ndarray | None:
 
 
 def _constant_node_value(node: Any) -> np.ndarray | None:
-    from onnx import numpy_helper
 
     for attribute in node.attribute:
         if attribute.name == "value" and attribute.HasField("t"):
@@ -248,7 +249,6 @@ def _check_opset(model: Any, table: OperatorTable, tensorrt: str) -> Iterator[Fi
 
 
 def _check_initializer_types(model: Any, major: int) -> Iterator[Finding]:
-    from onnx import TensorProto
 
     for init in model.graph.initializer:
         if init.data_type == TensorProto.INT64:
@@ -424,7 +424,6 @@ def lint_model(model: Any, target: Target, model_name: str = "model.onnx") -> Li
 
 def lint_onnx(path: Path, target: Target) -> LintReport:
     """Lint an ONNX file for target; InputError when it is missing or not ONNX."""
-    import onnx
 
     path = Path(path)
     if not path.is_file():

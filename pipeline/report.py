@@ -53,11 +53,15 @@ def _mb(size: int | None) -> str:
     return "-" if size is None else f"{size / 1e6:.1f}"
 
 
+ENDINGS = {"failed": "FAILED", "interrupted": "INTERRUPTED (rerun to resume from the cache)", "error": "ERROR"}
+
+
 def summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest without the bulky parts: status, ledger rows, engine outcome."""
     return {
         "status": manifest["status"],
         "failure": manifest.get("failure"),
+        "error": manifest.get("error"),
         "target": manifest["target"]["name"],
         "wall_s": manifest["wall_s"],
         "stages": [
@@ -129,7 +133,7 @@ def summary_table(manifest: dict[str, Any]) -> str:
     if engine.get("bundle"):
         out.append(f"bundle: {engine['bundle']}  (on the device: python -m pipeline engine --bundle DIR; python -m pipeline verify --bundle DIR)")
     if manifest.get("failure"):
-        out.append(f"FAILED: {manifest['failure']}")
+        out.append(f"{ENDINGS.get(manifest['status'], manifest['status'].upper())}: {manifest['failure']}")
     return "\n".join(out)
 
 

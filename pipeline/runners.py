@@ -3,6 +3,11 @@
 The parity ledger runs every stage's artifact through its runner on the same
 eval batches, so a runner is the only thing a stage's output needs to be
 measured. Runners are small and composable, in the spirit of Polygraphy's.
+
+ort_session is the one place an ONNX Runtime session is opened (the runners
+here, calibration, the fallback's evaluations, every latency figure, the
+benchmarks): one set of options, so two figures never differ by how their
+session was made.
 """
 
 from __future__ import annotations
@@ -42,14 +47,40 @@ class TorchRunner:
         return logits.float().cpu().numpy()
 
 
-def ort_session_options(threads: int = 2) -> "onnxruntime.SessionOptions":
+def ort_session_options(threads: int = 2, session_config: Mapping[str, str] | None = None,
+                        profile_prefix: str | Path | None = None) -> "onnxruntime.SessionOptions":
+    """The project's ONNX Runtime options: `threads` intra-op threads, one inter-op thread, errors-only logging.
+
+    session_config: session config entries, added in sorted key order.
+    profile_prefix: turn ONNX Runtime's profiler on, writing its JSON under this file prefix.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    for key, value in sorted((session_config or {}).items()):
+        options.add_session_config_entry(key, str(value))
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     return options
+
+
+def ort_session(model: Path | str | bytes, threads: int = 2, session_config: Mapping[str, str] | None = None,
+                providers: Iterable[str] = ("CPUExecutionProvider",),
+                profile_prefix: str | Path | None = None) -> "onnxruntime.InferenceSession":
+    """An ONNX Runtime session over an ONNX file (a path) or a serialized model (bytes).
+
+    The one place a session is opened, so that parity, calibration, the fallback's
+    evaluations and every latency figure run a model the same way.
+    """
+    import onnxruntime as ort
+
+    source = model if isinstance(model, bytes) else str(model)
+    options = ort_session_options(threads, session_config, profile_prefix)
+    return ort.InferenceSession(source, sess_options=options, providers=list(providers))
 
 
 class OrtRunner:
@@ -59,14 +90,9 @@ class OrtRunner:
                  session_config: Mapping[str, str] | None = None):
         """session_config: ONNX Runtime session config entries, e.g. the quantize stage's
         {"session.disable_quant_qdq": "1"} to run a TensorRT-form QDQ graph with TensorRT's arithmetic."""
-        import onnxruntime as ort
-
         self.name = name
         self.path = Path(path)
-        options = ort_session_options(threads)
-        for key, value in sorted((session_config or {}).items()):
-            options.add_session_config_entry(key, str(value))
-        self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(providers))
+        self.session = ort_session(self.path, threads, session_config, providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def predict(self, inputs: Inputs) -> np.ndarray:

@@ -7,13 +7,12 @@ Runtime's default optimizations) and the files take turns, round after round:
 machine noise falls on all of them alike. Each turn starts with untimed
 warm-up runs, because right after a switch the first few batch-1 runs take
 3-4x as long (measured, BENCHMARKS.md; the cause was not pinned down: turning
-ONNX Runtime's thread spinning off did not remove it).
+ONNX Runtime's thread spinning off did not remove it). The turns and the
+warm-up rule are pipeline.timing's; the sessions are pipeline.runners'.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,8 +20,9 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.data.encode import InputSpec
-from pipeline.runners import ort_session_options
+from pipeline.runners import ort_session
 from pipeline.export import example_inputs
+from pipeline.timing import WarmUp, time_interleaved
 
 BATCHES = (1, 16)
 
@@ -33,7 +33,7 @@ class Timing:
 
     rounds: int = 15
     runs: int = 10  # per file, batch size and round; their median is the round's figure
-    warmup_s: float = 0.2  # untimed runs before each turn, per batch size
+    warmup_s: float = 0.2  # untimed runs before each turn, per batch size (and at least WarmUp.runs of them)
     threads: int = 2
 
 
@@ -50,36 +50,19 @@ def _feeds(session, spec: InputSpec) -> dict[int, dict[str, np.ndarray]]:
     return {batch: {n: t.numpy() for n, t in zip(names, example_inputs(spec, batch))} for batch in BATCHES}
 
 
-def _warm_up(session, feed: dict[str, np.ndarray], seconds: float) -> None:
-    start, runs = time.perf_counter(), 0
-    while runs < 3 or time.perf_counter() - start < seconds:
-        session.run(None, feed)
-        runs += 1
-
-
-def _median_ms(session, feed: dict[str, np.ndarray], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def time_side_by_side(paths: Sequence[Path], spec: InputSpec, timing: Timing = Timing()) -> list[Latency]:
     """Batch-1 and batch-16 latency of every file, the files taking turns."""
-    import onnxruntime as ort
-
-    sessions = [ort.InferenceSession(str(path), ort_session_options(timing.threads), providers=["CPUExecutionProvider"]) for path in paths]
+    sessions = [ort_session(path, timing.threads) for path in paths]
     feeds = [_feeds(session, spec) for session in sessions]
-    rounds: list[dict[int, list[float]]] = [{batch: [] for batch in BATCHES} for _ in sessions]
-    for _ in range(max(1, timing.rounds)):
-        for session, feed, per_file in zip(sessions, feeds, rounds):
-            for batch in BATCHES:
-                _warm_up(session, feed[batch], timing.warmup_s)
-                per_file[batch].append(_median_ms(session, feed[batch], max(1, timing.runs)))
-    return [Latency(Path(path), Path(path).stat().st_size, {batch: statistics.median(r[batch]) for batch in BATCHES})
-            for path, r in zip(paths, rounds)]
+    # one turn per file and batch size, file by file, batch 1 then batch 16 (the order of the turns in a round)
+    calls = [_one_run(session, feed[batch]) for session, feed in zip(sessions, feeds) for batch in BATCHES]
+    measured = iter(time_interleaved(calls, timing.runs, timing.rounds, WarmUp(seconds=timing.warmup_s)))
+    return [Latency(Path(path), Path(path).stat().st_size, {batch: next(measured).median_ms for batch in BATCHES})
+            for path in paths]
+
+
+def _one_run(session, feed: dict[str, np.ndarray]):
+    return lambda: session.run(None, feed)
 
 
 def latency_table(latencies: Sequence[Latency], labels: Sequence[str] | None = None) -> str:

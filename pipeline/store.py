@@ -109,9 +109,22 @@ class Store:
             except BlockingIOError:
                 raise PipelineError(f"{self.root}: another build is using this output directory (lock {lock_path})")
             try:
+                self.sweep_leftovers()
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def sweep_leftovers(self) -> list[Path]:
+        """Remove what a killed build left half-written: temp entries and temp files (their names start with a dot).
+
+        Only the build holding the lock writes here, so any such entry is debris: a signal or SIGKILL that
+        arrived between a temp directory's creation and its rename. Finished entries are never touched.
+        """
+        debris = [p for p in (self.root / "stages").glob("*/.*") if p.is_dir()]
+        debris += [p for p in (*(self.root / "outputs").glob(".*.tmp"), *self.root.glob(".*.tmp")) if p.is_file()]
+        for path in debris:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        return debris
 
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.root / "stages" / stage / key[:16]

@@ -140,6 +140,10 @@ class Gates:
     engine: Gate = field(default_factory=lambda: Gate(min_agreement=0.99, knob="inspect the engine's layer precisions; build with fp16 fallback"))
 
 
+PASSES = ("source", "prune", "factorize", "export", "quantize")
+REQUIRED_PASSES = ("source", "export", "quantize")
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -152,6 +156,8 @@ class Target:
     builder: Builder = field(default_factory=Builder)
     compression: Compression = field(default_factory=Compression)
     gates: Gates = field(default_factory=Gates)
+    # The passes the build runs, in order (pipeline/stages/); leaving one out skips it. source, export and quantize are required.
+    passes: tuple[str, ...] = PASSES
     source: str = ""  # the TOML file it came from
 
     def to_json(self) -> dict[str, Any]:
@@ -237,6 +243,12 @@ def _check_consistency(target: Target, where: str) -> None:
     if not 0 <= target.builder.optimization_level <= 5:
         raise InputError(f"{where}: builder.optimization_level must be 0..5")
     _check_device_and_tensorrt(target, where)
+    unknown = [name for name in target.passes if name not in PASSES]
+    if unknown:
+        raise InputError(f"{where}: passes: unknown pass '{unknown[0]}' (known, in order: {', '.join(PASSES)})")
+    if list(target.passes) != sorted(set(target.passes), key=PASSES.index) or not set(REQUIRED_PASSES) <= set(target.passes):
+        raise InputError(f"{where}: passes = {list(target.passes)}: list each pass once, in the order {', '.join(PASSES)}, "
+                         f"with {', '.join(REQUIRED_PASSES)} among them")
     comp = target.compression
     for name in ("prune_image", "prune_text", "prune_fusion"):
         ratio = getattr(comp, name)

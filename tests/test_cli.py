@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -148,8 +150,6 @@ def test_bundle_verifies_with_onnx_runtime_and_a_tampered_bundle_fails(built, tm
     ok = run_cli("verify", "--bundle", str(bundle), "--runtime", "ort", cwd=work)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     copy = tmp_path / "bundle"
-    import shutil
-
     shutil.copytree(bundle, copy)
     model = copy / "model.int8.onnx"
     data = bytearray(model.read_bytes())
@@ -160,11 +160,122 @@ def test_bundle_verifies_with_onnx_runtime_and_a_tampered_bundle_fails(built, tm
     assert "model.int8.onnx" in bad.stdout + bad.stderr
 
 
-def test_require_engine_without_tensorrt_exits_4(built):
-    work, args, _ = built
-    result = run_cli(*args, "--require-engine", cwd=work)
+def copied_build(built, tmp_path: Path) -> list[str]:
+    """The built fixture's output directory copied (its cache warm), and the build's arguments pointed at the copy."""
+    work, args, first = built
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(work / "out", tmp_path / "out", ignore=shutil.ignore_patterns(".lock"))
+    return [a if a != str(work / "out") else str(tmp_path / "out") for a in args]
+
+
+def manifest_in(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "out" / "manifest.json").read_text())
+
+
+def test_require_engine_without_tensorrt_exits_4_and_the_manifest_says_error(built, tmp_path):
+    args = copied_build(built, tmp_path)
+    result = run_cli(*args, "--require-engine", cwd=tmp_path)
     assert result.returncode == 4, result.stderr[-2000:]
     assert "--require-engine" in result.stderr and "TensorRT" in result.stderr
+    manifest = manifest_in(tmp_path)
+    assert manifest["status"] == "error" and manifest["error"]["type"] == "EngineRequired"
+    assert manifest["engine"]["status"] == "not-run" and [s["name"] for s in manifest["stages"]] == STAGES
+    assert json.loads(result.stdout)["status"] == "error"  # --json says what the manifest says
+    assert "(error)" in (tmp_path / "out" / "report.md").read_text().splitlines()[0]
+
+
+def test_a_lint_error_before_the_engine_leaves_an_error_manifest(built, tmp_path):
+    """The deploy step's lint finds an error (a stand-in finding: no real TensorRT-breaking op survives our own export)."""
+    args = copied_build(built, tmp_path)
+    script = ("import sys; from pipeline import lint; "
+              "real = lint.lint_onnx; "
+              "lint.lint_onnx = lambda path, target: lint.LintReport(str(path), target.name, target.software.tensorrt, "
+              "(lint.Finding('error', 'unsupported-op', 'node_7', 'Einsum', 'not supported by this TensorRT'),)); "
+              "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "not ready for TensorRT" in result.stderr and "Traceback" not in result.stderr
+    manifest = manifest_in(tmp_path)
+    assert manifest["status"] == "error" and manifest["error"]["type"] == "InputError"
+    assert "node_7" in manifest["error"]["message"]
+
+
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_build_stopped_by_a_signal_says_interrupted_and_keeps_the_cache(built, tmp_path, stop, code):
+    args = copied_build(built, tmp_path)
+    source_dir = tmp_path / "out" / "stages" / "source"
+    before = {p: p.read_bytes() for p in source_dir.rglob("*") if p.is_file()}
+    # a new recovery seed: prune trains again (the source stays cached), and the signal arrives while it does
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--recovery-seed", "11"], cwd=tmp_path,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a CI shell may ignore SIGINT
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith("[prune] running"):
+            process.send_signal(stop)
+            break
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == code, "".join(lines) + err[-2000:]
+    manifest = manifest_in(tmp_path)
+    assert manifest["status"] == "interrupted" and stop.name in manifest["failure"]
+    assert [s["name"] for s in manifest["stages"]] == ["source"]
+    assert json.loads(out)["status"] == "interrupted"
+    assert "(interrupted)" in (tmp_path / "out" / "report.md").read_text().splitlines()[0]
+    assert {p: p.read_bytes() for p in source_dir.rglob("*") if p.is_file()} == before
+    # The next build resumes: the source from the cache, prune anew, and whatever the signal left half-written is swept away.
+    resumed = run_cli(*args, "--recovery-seed", "11", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [s["cached"] for s in json.loads(resumed.stdout)["stages"]][:2] == [True, False]
+    assert not [p for p in (tmp_path / "out" / "stages").glob("*/.*")], "a half-written entry survived"
+
+
+def edited_package(tmp_path: Path, module: str, old: str, new: str) -> Path:
+    """A copy of the package (with its targets and calibration sets) in which one module's text is edited."""
+    package = tmp_path / "edited"
+    shutil.copytree(REPO / "pipeline", package / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for data in ("targets", "calibration"):
+        shutil.copytree(REPO / data, package / data)
+    path = package / module
+    text = path.read_text()
+    assert text.count(old) == 1, f"{module} no longer holds {old!r}"
+    path.write_text(text.replace(old, new))
+    return package
+
+
+def build_with(package: Path, args: list[str], cwd: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env={**os.environ, "PYTHONPATH": str(package)},
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {s["name"]: s for s in json.loads(result.stdout)["stages"]}
+
+
+def test_an_edited_pass_misses_the_cache_for_itself_and_what_it_changes(built, tmp_path):
+    """A default in the factorize pass's library code changes (the embedding's uniform weight share): factorize runs again,
+    and so does everything its new bytes feed."""
+    args = copied_build(built, tmp_path)
+    first = {s["name"]: s for s in json.loads(built[2].stdout)["stages"]}
+    codes_before = {s["name"]: s["code"] for s in manifest_in(tmp_path)["stages"]}
+    package = edited_package(tmp_path, "pipeline/compression/factorize.py", "uniform_share: float = 0.2", "uniform_share: float = 0.6")
+    stages = build_with(package, args, tmp_path)
+    assert {name: s["cached"] for name, s in stages.items()} == {"source": True, "prune": True, "factorize": False, "export": False,
+                                                                 "quantize": False}
+    assert stages["factorize"]["sha256"] != first["factorize"]["sha256"]  # the edit changed what the pass makes
+    codes = {s["name"]: s["code"] for s in manifest_in(tmp_path)["stages"]}
+    assert codes["source"] == codes_before["source"] and codes["factorize"] != codes_before["factorize"]
+
+
+def test_a_pass_whose_code_changed_but_not_its_bytes_reruns_alone(built, tmp_path):
+    """A comment in the export pass: export runs again, gives the same bytes, and quantize is served from the cache."""
+    args = copied_build(built, tmp_path)
+    first = {s["name"]: s for s in json.loads(built[2].stdout)["stages"]}
+    package = edited_package(tmp_path, "pipeline/stages/export.py", "from __future__ import annotations\n",
+                             "from __future__ import annotations\n\n# edited\n")
+    stages = build_with(package, args, tmp_path)
+    assert {name: s["cached"] for name, s in stages.items()} == {"source": True, "prune": True, "factorize": True, "export": False,
+                                                                 "quantize": True}
+    assert stages["export"]["sha256"] == first["export"]["sha256"]
 
 
 def test_failed_gate_exits_3_names_the_stage_and_still_writes_the_ledger(built, emoji_folder, tmp_path):
@@ -308,8 +419,6 @@ def test_users_own_model_and_weights_go_through_the_pipeline(tmp_path, emoji_fol
 
 def test_a_confidence_gate_fails_a_drop_whose_point_estimate_passes(built, tmp_path):
     """The same prune stage, from the cache, judged twice: on its point estimate it holds, on its interval it does not."""
-    import shutil
-
     work, _, result = built
     assert result.returncode == 0, result.stderr[-3000:]
     prune = next(s for s in json.loads((work / "out" / "manifest.json").read_text())["stages"] if s["name"] == "prune")

@@ -220,7 +220,7 @@ def test_efficientnet_pointwise_convs_are_factorizable_and_depthwise_are_not():
 
 
 def test_simulated_embedding_factorization_equals_real_factorization():
-    from pipeline.compression.sensitivity import factorize_sensitivity
+    from pipeline.compression.factorize import factorize_sensitivity
     from pipeline.compression.factorize import layers_with_energy
 
     config, model = tiny()

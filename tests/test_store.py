@@ -82,3 +82,39 @@ def test_second_build_on_same_directory_is_refused(tmp_path):
     finally:
         release.set()
         holder.join(10)
+
+
+def test_cached_logits_are_checked_like_artifacts(tmp_path):
+    import numpy as np
+
+    store = Store(tmp_path)
+    logits = np.arange(12, dtype=np.float32).reshape(3, 4)
+    store.save_array("k" * 64, logits)
+    assert np.array_equal(store.cached_array("k" * 64), logits)
+    path = next((tmp_path / "outputs").glob("*.npy"))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # one logit's last byte: still a loadable array, no longer the one measured
+    path.write_bytes(bytes(data))
+    assert store.cached_array("k" * 64) is None
+    store.save_array("k" * 64, logits)
+    path.with_suffix(".npy.sha256").unlink()  # an array without its checksum (a write cut short) is not trusted either
+    assert store.cached_array("k" * 64) is None
+
+
+def test_the_next_build_sweeps_what_a_killed_one_left_half_written(tmp_path):
+    store = Store(tmp_path)
+    finished = store.commit("prune", "a" * 64, lambda wd: _artifact_in(wd))
+    debris = [tmp_path / "stages" / "prune" / ".aaaaaaaaaaaaaaaa.x1y2z3", tmp_path / "outputs" / ".0123.npy.abc.tmp"]
+    debris[0].mkdir(parents=True)
+    (debris[0] / "model.pt").write_bytes(b"half")
+    debris[1].parent.mkdir(parents=True, exist_ok=True)
+    debris[1].write_bytes(b"half")
+    with store.lock():
+        assert not any(p.exists() for p in debris)
+    assert store.cached("prune", "a" * 64) == finished  # finished entries are untouched
+
+
+def _artifact_in(workdir: Path) -> Artifact:
+    path = workdir / "model.bin"
+    path.write_bytes(b"complete")
+    return Artifact("onnx", path, sha256_file(path))

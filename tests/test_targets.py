@@ -213,3 +213,25 @@ def test_summary_rows_for_the_targets_listing():
     assert rows["jetson-agx-orin"]["dla_cores"] == 2 and rows["jetson-agx-orin"]["uses_dla"] is True
     assert rows["jetson-orin-nano"]["aliases"] == "jetson" and rows["jetson-orin-nano"]["tensorrt"] == "10.3"
     assert rows["cpu"]["tensorrt"] == "-" and rows["cpu"]["compute_capability"] == "-"
+
+
+def target_with_passes(tmp_path: Path, passes: str) -> Path:
+    path = write_target(tmp_path)
+    path.write_text(f"passes = {passes}\n" + path.read_text())
+    return path
+
+
+def test_a_target_lists_the_passes_it_runs(tmp_path):
+    assert load_target_file(write_target(tmp_path)).passes == ("source", "prune", "factorize", "export", "quantize")
+    assert load_target_file(target_with_passes(tmp_path, '["source", "export", "quantize"]')).passes == ("source", "export", "quantize")
+
+
+@pytest.mark.parametrize("passes, message", [
+    ('["source", "distill", "export", "quantize"]', "unknown pass 'distill'"),
+    ('["source", "export", "prune", "quantize"]', "in the order source, prune"),
+    ('["source", "prune", "quantize"]', "with source, export, quantize among them"),
+    ('["source", "export", "export", "quantize"]', "list each pass once"),
+])
+def test_a_bad_pass_list_names_the_file_and_what_is_wrong(tmp_path, passes, message):
+    with pytest.raises(InputError, match=rf"t\.toml.*passes.*{message}"):
+        load_target_file(target_with_passes(tmp_path, passes))

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pipeline.compression.measure import macs_by_branch, params_by_branch
+from pipeline.compression.sensitivity import BranchRunner, Sensitivity, branch_of, compare_logits
 from pipeline.compression.structure import append_step, is_pointwise_conv, low_rank_pair, replace_module
 from pipeline.data.encode import Encoded
 from pipeline.errors import InputError
@@ -217,3 +218,28 @@ def factorize(
     if example_inputs is not None:
         facts["macs_before"], facts["macs_after"] = macs_before, macs_by_branch(factorized, example_inputs)
     return factorized, facts
+
+
+def factorize_sensitivity(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    layers: Sequence[tuple[str, nn.Module, float]],
+    labels: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+) -> list[Sensitivity]:
+    """Each (name, layer, energy) alone replaced by the low-rank product the factorize stage would build."""
+
+    runner = BranchRunner(model, inputs)
+    results = []
+    for name, layer, energy in layers:
+        _, _, first, second = low_rank_factors(layer, energy, token_weights if isinstance(layer, nn.Embedding) else None)
+        original = layer.weight.data.clone()
+        approximation = second @ first  # out x in
+        # an embedding's weight is vocabulary x hidden, the transpose of its out x in view
+        layer.weight.data = (approximation.t() if isinstance(layer, nn.Embedding) else approximation).reshape(original.shape).contiguous()
+        try:
+            logits = runner.logits(branch_of(name))
+        finally:
+            layer.weight.data = original
+        results.append(Sensitivity(name, branch_of(name), energy, *compare_logits(runner.reference, logits, labels), original.numel()))
+    return results

@@ -7,9 +7,10 @@ from typing import Sequence
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-import time
-import numpy as np
+
 from pipeline.export import example_inputs
+from pipeline.runners import ort_session
+from pipeline.timing import WarmUp, time_call
 
 BRANCHES = ("image", "text", "fusion")
 # The parts of a FusedClassifier each branch is made of; the classifier counts with fusion.
@@ -54,26 +55,15 @@ def onnx_cpu_latency_ms(path, spec, batches: Sequence[int] = (1, 16), threads: i
     """Median wall time of one ONNX Runtime CPU run per batch size (the ledger's latency columns).
 
     Inputs are the export stage's example inputs (random image, half-masked
-    tokens): latency does not depend on the values.
+    tokens): latency does not depend on the values. Each batch size is one
+    turn of pipeline.timing: untimed runs (at least `warmup` of them and for
+    at least WarmUp.seconds), then `repeats` timed runs.
     """
-
-    import onnxruntime as ort
-
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads)
     names = [i.name for i in session.get_inputs()]
     result = {}
     for batch in batches:
         feed = {name: t.numpy() for name, t in zip(names, example_inputs(spec, batch))}
-        for _ in range(warmup):
-            session.run(None, feed)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append((time.perf_counter() - start) * 1000)
-        result[f"batch{batch}_ms"] = float(np.median(times))
+        timed = time_call(lambda: session.run(None, feed), repeats, warmup=WarmUp(runs=warmup))
+        result[f"batch{batch}_ms"] = timed.median_ms
     return result

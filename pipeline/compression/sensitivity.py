@@ -8,7 +8,8 @@ Torch-Pruning group has every output-channel slice it would remove set to
 zero (conv/linear rows and biases, BN/LN scale and shift), so those channels
 output act(0) = 0 (ReLU, ReLU6, GELU) and reach their consumers as nothing;
 the weights are restored afterwards. Factorization is simulated by swapping
-in the rank-r reconstruction of the weight, which the two thin layers compute.
+in the rank-r reconstruction of the weight, which the two thin layers compute
+(factorize_sensitivity lives beside the factorization, in factorize.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from torch import nn
 from pipeline.compression.structure import dependency_graph
 from pipeline.compression.units import Unit, kept_channels
 from pipeline.compression.prune import channels_to_remove, importance_scorer, unit_group, unit_scores
-from pipeline.compression.factorize import low_rank_factors
 
 
 @dataclass(frozen=True)
@@ -149,31 +149,6 @@ def _group_params(group) -> int:
         per_channel = weight.numel() // weight.shape[0] if group._DG.is_out_channel_pruning_fn(dep.handler) else weight.numel() // max(weight.shape[1], 1)
         total += per_channel * len(indices)
     return total
-
-
-def factorize_sensitivity(
-    model: nn.Module,
-    inputs: Sequence[torch.Tensor],
-    layers: Sequence[tuple[str, nn.Module, float]],
-    labels: torch.Tensor | None = None,
-    token_weights: torch.Tensor | None = None,
-) -> list[Sensitivity]:
-    """Each (name, layer, energy) alone replaced by the low-rank product the factorize stage would build."""
-
-    runner = BranchRunner(model, inputs)
-    results = []
-    for name, layer, energy in layers:
-        _, _, first, second = low_rank_factors(layer, energy, token_weights if isinstance(layer, nn.Embedding) else None)
-        original = layer.weight.data.clone()
-        approximation = second @ first  # out x in
-        # an embedding's weight is vocabulary x hidden, the transpose of its out x in view
-        layer.weight.data = (approximation.t() if isinstance(layer, nn.Embedding) else approximation).reshape(original.shape).contiguous()
-        try:
-            logits = runner.logits(branch_of(name))
-        finally:
-            layer.weight.data = original
-        results.append(Sensitivity(name, branch_of(name), energy, *compare_logits(runner.reference, logits, labels), original.numel()))
-    return results
 
 
 def allocate_ratios(

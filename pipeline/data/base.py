@@ -8,6 +8,8 @@ from typing import Mapping
 
 import numpy as np
 
+from PIL import Image, UnidentifiedImageError
+
 from pipeline.errors import InputError
 
 SPLITS = ("train", "calib", "eval")
@@ -46,7 +48,6 @@ class Dataset:
 
 def load_rgb(path: Path) -> np.ndarray:
     """An image file as HxWx3 uint8 RGB, transparency composited on white."""
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:

@@ -8,11 +8,13 @@ stage and runner sees exactly the same numbers.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
 from pipeline.data.base import Sample, load_rgb
 
@@ -39,7 +41,6 @@ class InputSpec:
 @functools.lru_cache(maxsize=2)
 def load_tokenizer(path: str):
     """The WordPiece tokenizer shipped with all-MiniLM-L6-v2 (offline)."""
-    import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
@@ -76,7 +77,6 @@ class Encoded:
 
 
 def encode_images(samples: Sequence[Sample], spec: InputSpec) -> np.ndarray:
-    from PIL import Image
 
     out = np.empty((len(samples), 3, spec.image_size, spec.image_size), dtype=np.float32)
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
+from PIL import Image
+
 from pipeline.data.base import SPLITS, Dataset, Sample
 from pipeline.data.emoji import splits_of, stratified_split
 from pipeline.errors import InputError
@@ -163,7 +165,6 @@ def check_split_fields(rows: Sequence[Row], samples_path: Path) -> bool:
 
 def image_digest(directory: Path, row: Row, samples_path: Path) -> str:
     """sha256 of the row's image, after checking it is inside the folder and decodable."""
-    from PIL import Image
 
     where = f"{samples_path}: line {row.line}"
     path = directory / row.image

@@ -19,7 +19,7 @@ from typing import Iterable, Literal, Mapping, Sequence
 import numpy as np
 
 from pipeline.data.encode import Encoded
-from pipeline.runners import ort_session_options
+from pipeline.runners import ort_session
 
 Method = Literal["minmax", "entropy", "percentile"]
 CALIBRATION_BATCH = 16
@@ -56,18 +56,13 @@ def _session_with_outputs(model_path: Path, tensors: Sequence[str], threads: int
                           session_config: Mapping[str, str] | None = None):
     """An ONNX Runtime session that also returns the given intermediate tensors."""
     import onnx
-    import onnxruntime as ort
-
 
     model = onnx.load(str(model_path))
     present = {output.name for output in model.graph.output}
     for name in tensors:
         if name not in present:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort_session_options(threads)
-    for key, value in sorted((session_config or {}).items()):
-        options.add_session_config_entry(key, value)
-    return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+    return ort_session(model.SerializeToString(), threads, session_config)
 
 
 def run_with_intermediates(model_path: Path, tensors: Sequence[str], batches: Iterable[Mapping[str, np.ndarray]],

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
+from onnx import helper, numpy_helper
 
 EmbeddingForm = Literal["gather-first", "dequantize-first"]
 
@@ -38,7 +39,6 @@ def _remove_initializer(graph: Any, name: str) -> None:
 
 
 def _replace_initializer(graph: Any, name: str, array: np.ndarray) -> None:
-    from onnx import numpy_helper
 
     _remove_initializer(graph, name)
     graph.initializer.append(numpy_helper.from_array(array, name))
@@ -50,7 +50,6 @@ def _still_used(graph: Any, name: str) -> bool:
 
 def quantize_embedding(model: Any, node_name: str, form: EmbeddingForm) -> None:
     """Rewrite the Gather named node_name (float table input) to read an INT8 table, in place."""
-    from onnx import helper, numpy_helper
 
     graph = model.graph
     node = next(n for n in graph.node if n.name == node_name)

@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.data.encode import Encoded
 from pipeline.parity import Gate, check_gate, parity_row
-from pipeline.runners import ort_session_options
+from pipeline.runners import ort_session
 
 EVAL_BATCH = 16
 
@@ -59,12 +59,7 @@ def evaluation_of(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray,
 
 def ort_logits(path: Path, data: Encoded, threads: int = 2, session_config: Mapping[str, str] | None = None) -> np.ndarray:
     """Logits of an ONNX file over data with ONNX Runtime's CPU EP and extra session config entries."""
-    import onnxruntime as ort
-
-    options = ort_session_options(threads)
-    for key, value in sorted((session_config or {}).items()):
-        options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads, session_config)
     names = [i.name for i in session.get_inputs()]
     outputs = [session.run(None, {name: np.ascontiguousarray(batch[name]) for name in names})[0]
                for batch in data.batches(EVAL_BATCH)]

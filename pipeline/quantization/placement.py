@@ -28,6 +28,8 @@ from typing import Any, Iterable, Literal, Mapping
 
 import numpy as np
 
+from onnx import numpy_helper
+
 from pipeline.onnx_graph import producers_and_consumers
 
 PLACEMENT_RULE = ("TensorRT Developer Guide, Q/DQ Layer Placement Recommendations: quantize the inputs and weights "
@@ -94,7 +96,6 @@ class GraphIndex:
         return bool(name) and name not in self.constants and self.elem_type.get(name) == _FLOAT
 
     def constant_value(self, name: str) -> float | None:
-        from onnx import numpy_helper
 
         if name in self.initializers:
             return float(numpy_helper.to_array(self.initializers[name]).reshape(-1)[0])

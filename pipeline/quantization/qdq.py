@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping, Sequence
 
+from onnxruntime.quantization import QuantType
+from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+import onnx
+
 from pipeline.quantization.embedding import EmbeddingForm, quantize_embedding
 from pipeline.quantization.placement import Region
 
@@ -82,8 +86,6 @@ def _extra_options(form: Form, op_types: Sequence[str]) -> dict[str, Any]:
 
 
 def _quantize_ops(model: Any, regions: Sequence[Region], ranges: Any, form: Form) -> Any:
-    from onnxruntime.quantization import QuantType
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
     nodes = {node.name: node.op_type for node in model.graph.node}
     names = [name for region in regions for name in region.nodes]
@@ -99,7 +101,6 @@ def _quantize_ops(model: Any, regions: Sequence[Region], ranges: Any, form: Form
 def write_qdq(prepared: Path, regions: Sequence[Region], quantized: Collection[str], ranges: Any, form: Form,
               output: Path) -> Path:
     """The prepared model with the regions named in `quantized` in INT8 (the rest float), saved to output."""
-    import onnx
 
     model = onnx.load(str(prepared))
     chosen = [region for region in regions if region.name in quantized]

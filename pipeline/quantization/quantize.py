@@ -18,6 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import onnx
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
 from pipeline.artifacts import Artifact
 from pipeline.data.encode import Encoded
 from pipeline.quantization.calibrate import CALIBRATION_BATCH, TensorRange, calibrate, to_tensors_data
@@ -48,8 +51,6 @@ def _embedding_setting(settings: Quantize) -> str:
 
 def _prepare(fp32: Path, output: Path) -> Path:
     """Shape inference and cleanup (ONNX Runtime's quant_pre_process), then a name for every node."""
-    import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with quiet():
         quant_pre_process(str(fp32), str(output), skip_symbolic_shape=True)
@@ -98,7 +99,6 @@ def _float_region_rows(result: FallbackResult) -> list[dict[str, Any]]:
 
 def quantize(fp32: Artifact, calibration: Encoded, settings: Quantize, workdir: Path,
              evaluator: Evaluator | None = None) -> Artifact:
-    import onnx
 
     form = FORMS[settings.form]
     scratch = workdir / "scratch"

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Mapping
 
 from pipeline.artifacts import Artifact
-from pipeline.compression.factorize import factorize, layers_with_energy, token_frequencies
+from pipeline.compression.factorize import factorize, factorize_sensitivity, layers_with_energy, token_frequencies
 from pipeline.compression.prune import probe_tensors, set_trainable_split
 from pipeline.compression.recovery import Recovery, recover
-from pipeline.compression.sensitivity import factorize_sensitivity
 from pipeline.data.encode import Encoded, InputSpec
 from pipeline.errors import InputError
 from pipeline.export import example_inputs

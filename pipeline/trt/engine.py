@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import onnx
+
 from pipeline.errors import EngineRequired, InputError, PipelineError
 from pipeline.store import atomic_write_bytes, atomic_write_json, sha256_bytes
 from pipeline.targets import Target, version_tuple
@@ -374,7 +376,6 @@ def _describe_parser_error(parser_error: Any, node_names: list[str]) -> str:
 def _onnx_node_labels(onnx_path: Path) -> list[str]:
     """"name (OpType)" for each top-level node, to name the node a parser error points at."""
     try:
-        import onnx
 
         graph = onnx.load(str(onnx_path), load_external_data=False).graph
     except Exception:  # the parser already failed; a second failure must not hide its message
