@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import __version__, lint
+from pipeline.allocator import allocator_facts
 from pipeline.artifacts import Artifact
 from pipeline.bundle import Golden, write_bundle
 from pipeline.data import load_dataset
@@ -348,7 +349,7 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
     store = Store(config.out)
     started = time.perf_counter()
     with store.lock():
-        machine = kernel_facts()
+        machine = {**kernel_facts(), "allocator": allocator_facts()}  # the allocator changes speed, not bytes: not keyed
         versions = tool_versions(machine)
         dataset = load_dataset(config.data)
         calibration = load_calibration_set(config.target.quantize.calibration, dataset)

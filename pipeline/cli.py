@@ -183,14 +183,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.allocator import keep_freed_memory
+    from pipeline.allocator import tune_allocator
     from pipeline.kernels import pin_kernels
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from installed packages, never a hub
     # OpenMP threads that spin while waiting make torch 10-30x slower as soon as another process
     # competes for the cores (CI runners, shared dev boxes); passive waiting costs little when idle.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    keep_freed_memory()  # a third of a cold build's CPU time went to page faults of freed and re-mapped memory
+    tune_allocator()  # before torch loads: a third of a cold build's CPU time went to page faults
     try:
         pin_kernels()  # before anything imports torch: the same kernel path on AVX2 and AVX-512 machines
     except PipelineError as error:

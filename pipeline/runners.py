@@ -13,9 +13,13 @@ session was made.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Iterable, Mapping, Protocol
 
 import numpy as np
+import onnxruntime as ort
+
+if TYPE_CHECKING:
+    import torch  # optional on a device that verifies a bundle with ONNX Runtime only
 
 Inputs = Mapping[str, np.ndarray]
 
@@ -48,14 +52,12 @@ class TorchRunner:
 
 
 def ort_session_options(threads: int = 2, session_config: Mapping[str, str] | None = None,
-                        profile_prefix: str | Path | None = None) -> "onnxruntime.SessionOptions":
+                        profile_prefix: str | Path | None = None) -> ort.SessionOptions:
     """The project's ONNX Runtime options: `threads` intra-op threads, one inter-op thread, errors-only logging.
 
     session_config: session config entries, added in sorted key order.
     profile_prefix: turn ONNX Runtime's profiler on, writing its JSON under this file prefix.
     """
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -70,14 +72,12 @@ def ort_session_options(threads: int = 2, session_config: Mapping[str, str] | No
 
 def ort_session(model: Path | str | bytes, threads: int = 2, session_config: Mapping[str, str] | None = None,
                 providers: Iterable[str] = ("CPUExecutionProvider",),
-                profile_prefix: str | Path | None = None) -> "onnxruntime.InferenceSession":
+                profile_prefix: str | Path | None = None) -> ort.InferenceSession:
     """An ONNX Runtime session over an ONNX file (a path) or a serialized model (bytes).
 
     The one place a session is opened, so that parity, calibration, the fallback's
     evaluations and every latency figure run a model the same way.
     """
-    import onnxruntime as ort
-
     source = model if isinstance(model, bytes) else str(model)
     options = ort_session_options(threads, session_config, profile_prefix)
     return ort.InferenceSession(source, sess_options=options, providers=list(providers))

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Iterable, Literal, Mapping, Sequence
 
 import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationMethod
+from onnxruntime.quantization.calibrate import TensorData, TensorsData
 
 from pipeline.data.encode import Encoded
 from pipeline.runners import ort_session
@@ -55,8 +58,6 @@ class _Stats:
 def _session_with_outputs(model_path: Path, tensors: Sequence[str], threads: int,
                           session_config: Mapping[str, str] | None = None):
     """An ONNX Runtime session that also returns the given intermediate tensors."""
-    import onnx
-
     model = onnx.load(str(model_path))
     present = {output.name for output in model.graph.output}
     for name in tensors:
@@ -193,9 +194,6 @@ def calibrate(model_path: Path, tensors: Sequence[str], data: Encoded, method: M
 
 def to_tensors_data(ranges: Mapping[str, TensorRange], method: Method):
     """onnxruntime.quantization's TensorsData, what its QDQ quantizer reads the ranges from."""
-    from onnxruntime.quantization import CalibrationMethod
-    from onnxruntime.quantization.calibrate import TensorData, TensorsData
-
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     data = {name: TensorData(lowest=np.float32(r.lowest), highest=np.float32(r.highest)) for name, r in ranges.items()}
