@@ -45,7 +45,8 @@ from pipeline.stages.base import Context, Measure, Pass
 from pipeline.store import Store, atomic_write_json, atomic_write_text, cache_key, canonical_json, sha256_bytes, sha256_file
 from pipeline.targets import Target
 from pipeline.training import PrefixCache, TrainSettings, predict_logits
-from pipeline.trt.engine import build_engine, engine_metadata, engine_settings, local_tensorrt, tensorrt_status
+from pipeline.trt.engine import (LocalTensorRT, build_engine, engine_metadata, engine_settings, local_tensorrt, target_mismatches,
+                                 tensorrt_status)
 from pipeline.trt.runner import TrtRunner
 from pipeline.compression.prune import set_trainable_split
 
@@ -76,6 +77,7 @@ class BuildConfig:
     simplifier: str = "onnxsim"
     eval_batch: int = 32
     require_engine: bool = False
+    allow_mismatch: bool = False  # build the engine on a machine whose GPU or TensorRT is not the target's (for this machine)
     measure_latency: bool = False  # ONNX Runtime CPU latency of every stage (the ledger's b1/b16 columns; --latency)
 
 
@@ -290,13 +292,31 @@ def deploy(c: Conductor, int8: Artifact) -> dict[str, Any]:
     report = lint.lint_onnx(int8.path, target)
     report.raise_on_errors()
     available, reason = tensorrt_status()
-    if available:
+    where, reason = engine_or_bundle(target, available, reason, local_tensorrt() if available else None, c.config.allow_mismatch)
+    if where == "engine":
         return engine_stage(c, int8, report.to_json(), reason)
     if c.config.require_engine:
         raise EngineRequired(f"--require-engine: no TensorRT engine can be built here: {reason}")
     bundle = bundle_stage(c, int8, report.to_json())
     return {"status": "deferred", "reason": reason, "bundle": str(bundle.relative_to(c.store.root)),
             "lint": {"errors": len(report.errors), "warnings": len(report.warnings)}}
+
+
+def engine_or_bundle(target: Target, available: bool, status: str, local: LocalTensorRT | None, allow_mismatch: bool) -> tuple[str, str]:
+    """Build the engine here only where this machine is the target (or --allow-mismatch says build for this one anyway).
+
+    A plan is tied to the TensorRT version and the GPU it was built on: one built on an x86 GPU host for
+    `--target jetson` would not load on the Jetson, so such a host writes the device bundle instead.
+    """
+    if not available or local is None:
+        return "bundle", status
+    mismatches = target_mismatches(target, local)
+    if not mismatches:
+        return "engine", status
+    if allow_mismatch:
+        return "engine", f"{status}; --allow-mismatch: built for this machine, not the target: " + "; ".join(mismatches)
+    return "bundle", "this machine is not the target (" + "; ".join(mismatches) + "): the bundle builds the engine on the device; " \
+                     "--allow-mismatch builds one for this machine instead"
 
 
 def golden_indices(n: int, limit: int = GOLDEN_SAMPLES) -> np.ndarray:
@@ -414,7 +434,8 @@ def make_manifest(config: BuildConfig, versions: dict, machine: dict, dataset: D
         "config": {
             "model": config.model, "data": config.data, "weights": str(config.weights) if config.weights else None,
             "fusion": config.fusion, "train": dataclasses.asdict(config.train), "simplifier": config.simplifier,
-            "eval_batch": config.eval_batch, "require_engine": config.require_engine, "measure_latency": config.measure_latency,
+            "eval_batch": config.eval_batch, "require_engine": config.require_engine, "allow_mismatch": config.allow_mismatch,
+            "measure_latency": config.measure_latency,
         },
         "data": {
             "dataset": dataset.name, "fingerprint": dataset.fingerprint, "classes": list(dataset.classes),

@@ -4,9 +4,14 @@ Written where no TensorRT engine can be built (CI, a laptop): `out/<target>/bund
 holds the INT8 Q/DQ ONNX, the resolved target, a frozen golden subset of the
 eval split (inputs, labels, the reference model's logits and the INT8 ONNX's
 logits), the parity thresholds, the readiness lint, SHA256SUMS and a README
-with the two device commands. On the device, `python -m pipeline engine
+with the device commands. On the device, `python -m pipeline engine
 --bundle DIR` builds the plan and `python -m pipeline verify --bundle DIR`
-checks it against the golden outputs (pipeline.device_commands).
+checks it against the golden outputs (pipeline.device_commands). For a device
+with JetPack and nothing else the bundle also carries `build_engine.sh` (the
+same build as one trtexec command, pipeline.trtexec), the golden set in
+Polygraphy's format (`golden_inputs.json`, `golden_outputs.json`,
+pipeline.polygraphy_golden) and a Triton model repository (`triton/`,
+pipeline.triton).
 
 The bundle is built in a temporary directory beside the final one, fsynced,
 then moved into place, so a failed write never leaves a half bundle and
@@ -20,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -30,7 +36,9 @@ import numpy as np
 
 import onnx
 
+from pipeline import polygraphy_golden, trtexec, triton
 from pipeline.errors import InputError
+from pipeline.onnx_io import graph_io
 from pipeline.parity import Gate
 from pipeline.store import fsync_tree, sha256_file
 from pipeline.targets import Target, target_from_mapping
@@ -43,9 +51,21 @@ THRESHOLDS_FILE = "thresholds.json"
 LINT_FILE = "lint.json"
 README_FILE = "README.md"
 CHECKSUMS_FILE = "SHA256SUMS"
+BUILD_SCRIPT_FILE = trtexec.SCRIPT_NAME
+POLYGRAPHY_INPUTS_FILE = polygraphy_golden.INPUTS_FILE
+POLYGRAPHY_OUTPUTS_FILE = polygraphy_golden.OUTPUTS_FILE
+TRITON_DIR = triton.TRITON_DIR
 # What the device writes into the bundle (plan, sidecar, timing cache) goes
 # here; it is not part of the shipped bundle, so the checksums ignore it.
-DEVICE_DIR = "device"
+DEVICE_DIR = trtexec.DEVICE_DIR
+
+
+def _device_written(relative: PurePosixPath) -> bool:
+    """Files the device writes: device/..., and the plan build_engine.sh copies into triton/<model>/1/model.plan."""
+    parts = relative.parts
+    return parts[0] == DEVICE_DIR or (len(parts) == 4 and parts[0] == TRITON_DIR and parts[2] == triton.VERSION
+                                      and parts[3] == triton.PLAN_NAME)
+
 
 _GOLDEN_KEYS = ("ids", "labels", "reference_logits", "int8_logits", "input_names")
 
@@ -121,24 +141,45 @@ class Golden:
 # ----------------------------------------------------------------- writing
 
 
-def device_readme(target: Target) -> str:
-    """README.md of the bundle: what it is and the two device commands."""
+def _shell(argv: list[str]) -> str:
+    return " ".join(shlex.quote(arg) for arg in argv)
+
+
+def device_readme(target: Target, triton_model: triton.TritonModel | None = None,
+                  ort_session_config: Mapping[str, str] | None = None, golden_iterations: tuple[int, int] | None = None) -> str:
+    """README.md of the bundle: what it is and the ways to use it on the device.
+
+    golden_iterations: (iterations, samples per iteration) of the Polygraphy golden files.
+    """
     software = target.software
+    tensorrt = software.runtime == "tensorrt"
     ships = f"TensorRT {software.tensorrt}" + (f" (JetPack {software.jetpack})" if software.jetpack else "")
-    return f"""# Device bundle for target `{target.name}`
+    session = dict(ort_session_config or {})
+    model = triton_model
+    text = f"""# Device bundle for target `{target.name}`
 
 {target.description}
 
 This folder holds everything the device needs: the INT8 Q/DQ ONNX model
 (`{MODEL_FILE}`), the resolved target (`{TARGET_FILE}`), a frozen golden set of
-eval samples with the reference and INT8 ONNX outputs (`{GOLDEN_FILE}`), the
-parity thresholds (`{THRESHOLDS_FILE}`), the TensorRT readiness report
-(`{LINT_FILE}`) and checksums of all of them (`{CHECKSUMS_FILE}`).
-
+eval samples with the reference and INT8 ONNX outputs (`{GOLDEN_FILE}`, and the
+same inputs with the INT8 ONNX outputs in Polygraphy's format:
+`{POLYGRAPHY_INPUTS_FILE}`, `{POLYGRAPHY_OUTPUTS_FILE}`), the parity thresholds
+(`{THRESHOLDS_FILE}`), the TensorRT readiness report (`{LINT_FILE}`),
+""" + (f"`{BUILD_SCRIPT_FILE}` (the engine build as one trtexec command), " if tensorrt else "") + \
+        f"""a Triton model repository (`{TRITON_DIR}/`) and checksums of all of them (`{CHECKSUMS_FILE}`).
+"""
+    if tensorrt:
+        text += f"""
 The device should have {ships} and a GPU of compute capability
 {target.device.compute_capability or '-'} ({target.device.name}).
-
-## On the device
+"""
+    else:
+        text += f"""
+The target runs the INT8 ONNX with ONNX Runtime ({target.device.name}): no TensorRT engine is built.
+"""
+    text += f"""
+## 1. With this project (`python -m pipeline`)
 
 ```
 pip install edgepipe            # this project (or pip install -e . from a checkout); TensorRT from JetPack or NVIDIA's index
@@ -150,14 +191,117 @@ python -m pipeline verify --bundle .          # runs the golden set through the 
 GPU needed). `sha256sum -c {CHECKSUMS_FILE}` checks the files by hand.
 Files the device writes go to `{DEVICE_DIR}/`, which the checksums ignore.
 """
+    if tensorrt:
+        text += f"""
+## 2. With trtexec only (`{BUILD_SCRIPT_FILE}`)
+
+On a device with JetPack and nothing else installed:
+
+```
+./{BUILD_SCRIPT_FILE}          # or: bash {BUILD_SCRIPT_FILE}; TRTEXEC=/path/to/trtexec overrides PATH, then {trtexec.JETPACK_TRTEXEC}
+```
+
+It checks `{CHECKSUMS_FILE}`, then runs the same build as `python -m pipeline engine`
+(the target's precision flags for TensorRT {software.tensorrt}, workspace, batch profile
+{target.builder.batch.min}/{target.builder.batch.opt}/{target.builder.batch.max}, optimization level"""
+        text += (f", DLA core {target.builder.dla_core}" + (" with GPU fallback" if target.builder.gpu_fallback else "")
+                 if target.builder.use_dla else "")
+        text += f"""), writing `{DEVICE_DIR}/model.plan`,
+`{DEVICE_DIR}/{trtexec.TIMING_CACHE_NAME}` (reused by the next build) and `{DEVICE_DIR}/{trtexec.LAYER_INFO_NAME}` (each
+layer's precision and device), and copies the plan into the Triton repository
+(`{model.model_path if model else TRITON_DIR}`). `python -m pipeline verify --bundle .` checks that plan too.
+"""
+    iterations = (f" ({golden_iterations[0]} iteration(s) of {golden_iterations[1]} samples, the target's optimal batch"
+                  + (": with a static batch the samples past the last whole batch are left out" if target.builder.batch.min == target.builder.batch.max else "")
+                  + ")") if golden_iterations else ""
+    ort_command = _shell(polygraphy_golden.polygraphy_ort_command(MODEL_FILE, session))
+    text += f"""
+## {3 if tensorrt else 2}. With Polygraphy (`pip install polygraphy`)
+
+`{POLYGRAPHY_INPUTS_FILE}` holds the golden inputs{iterations} as `--load-inputs` reads
+them, `{POLYGRAPHY_OUTPUTS_FILE}` the INT8 ONNX's outputs on them as ONNX Runtime
+computed them when the bundle was written (CPU, session config {json.dumps(session, sort_keys=True)}), as
+`--load-outputs` reads them:
+
+```
+{ort_command}
+"""
+    if tensorrt:
+        text += f"{_shell(polygraphy_golden.polygraphy_trt_command(DEVICE_DIR + '/model.plan'))}\n"
+    text += "```\n\n"
+    ort = polygraphy_golden.ort_tolerances(session)
+    text += (f"Tolerances (an element passes when |diff| <= atol or |diff|/|golden| <= rtol): ONNX Runtime against "
+             f"the golden outputs atol {ort['atol']:g}, rtol {ort['rtol']:g}. ")
+    if session.get("session.disable_quant_qdq") == "1":
+        text += ("The golden outputs were computed with `session.disable_quant_qdq = 1` (no QDQ fusion: dequantize, "
+                 "then the float op, as TensorRT computes). Polygraphy's ONNX Runtime runner takes no session config "
+                 "entries; `--graph-optimization-level ORT_DISABLE_ALL` (in Polygraphy 0.53.6, not yet in 0.49.27) "
+                 "is the nearest, but it also turns off ONNX Runtime's float fusions, and those small float "
+                 "differences now and then move a value across a quantization step: on the default model the "
+                 "logits differed by up to 0.063 (every argmax the same), hence the loose tolerances. Without the "
+                 "option ONNX Runtime fuses the Q/DQ pairs into integer kernels (x86 kernels without VNNI saturate "
+                 "S8 x S8 sums) and the logits differed by up to 1.9. ")
+    elif session:
+        text += (f"Polygraphy's ONNX Runtime runner cannot set the session config entries {sorted(session)}: "
+                 "expect differences beyond these tolerances. ")
+    else:
+        text += "On the default model Polygraphy's ONNX Runtime run reproduced the golden outputs bit for bit. "
+    if tensorrt:
+        trt_tol = polygraphy_golden.TRT_TOLERANCES
+        text += (f"The TensorRT plan against them: atol {trt_tol['atol']:g}, rtol {trt_tol['rtol']:g}, a coarse "
+                 "elementwise check not yet measured on a device (TensorRT picks its own kernels and FP16 for "
+                 "unquantized layers); "
+                 f"the gate that decides is `python -m pipeline verify` (agreement, cosine: `{THRESHOLDS_FILE}`).")
+    text = text.rstrip(" ") + "\n"
+    if model is not None:
+        text += f"""
+## Triton Inference Server (`{TRITON_DIR}/`)
+
+```
+{TRITON_DIR}/
+  {model.name}/
+    config.pbtxt          # platform "{model.platform}", inputs/outputs from the ONNX graph
+    {triton.VERSION}/
+      {model.model_file}"""
+        if tensorrt:
+            text += f"""            # written by ./{BUILD_SCRIPT_FILE} (or copy device/model.plan here); README.md says so
+```
+
+Build the plan first (section 2), then serve it:
+"""
+        else:
+            text += f"""            # the INT8 ONNX, a copy of {MODEL_FILE}
+```
+"""
+            if session:
+                text += (f"\nThe golden outputs were computed with the session config {json.dumps(session, sort_keys=True)}; "
+                         "Triton's ONNX Runtime backend documents no parameter for arbitrary session config entries "
+                         "(UNCONFIRMED), so it may run the model without them.\n")
+        text += f"""
+```
+tritonserver --model-repository=$PWD/{TRITON_DIR}
+```
+"""
+        if tensorrt:
+            text += (f"\nThe checksums leave `{TRITON_DIR}/<model>/{triton.VERSION}/model.plan` out, like `{DEVICE_DIR}/`: "
+                     "the device writes it.\n")
+        if model.max_batch_size:
+            text += (f"\nTriton batches requests up to {model.max_batch_size} (the target's batch max), preferring "
+                     f"{target.builder.batch.opt}.\n")
+        else:
+            text += ("\n`max_batch_size: 0`: the batch is static (or the graph has no dynamic first axis), so each request "
+                     "carries the whole batch dimension and Triton does not batch requests.\n")
+    return text
 
 
 def _checked_extra_name(name: str) -> str:
     path = PurePosixPath(name)
-    reserved = {MODEL_FILE, TARGET_FILE, GOLDEN_FILE, THRESHOLDS_FILE, LINT_FILE, README_FILE, CHECKSUMS_FILE}
-    if path.is_absolute() or ".." in path.parts or not path.parts or path.parts[0] in (DEVICE_DIR, ".") \
+    reserved = {MODEL_FILE, TARGET_FILE, GOLDEN_FILE, THRESHOLDS_FILE, LINT_FILE, README_FILE, CHECKSUMS_FILE,
+                BUILD_SCRIPT_FILE, POLYGRAPHY_INPUTS_FILE, POLYGRAPHY_OUTPUTS_FILE}
+    if path.is_absolute() or ".." in path.parts or not path.parts or path.parts[0] in (DEVICE_DIR, TRITON_DIR, ".") \
             or str(path) in reserved:
-        raise InputError(f"bundle extra file name {name!r} must be a relative path inside the bundle, not {sorted(reserved)} or {DEVICE_DIR}/")
+        raise InputError(f"bundle extra file name {name!r} must be a relative path inside the bundle, not {sorted(reserved)}, "
+                         f"{DEVICE_DIR}/ or {TRITON_DIR}/")
     return str(path)
 
 
@@ -180,18 +324,24 @@ def _ensure_self_contained(onnx_path: Path) -> None:
 
 def write_bundle(out_dir: Path, qdq_onnx: Path, target: Target, golden: Golden, thresholds: Gate,
                  lint_report: Mapping[str, Any], extra_files: Mapping[str, Path] | None = None,
-                 ort_session_config: Mapping[str, str] | None = None) -> Path:
+                 ort_session_config: Mapping[str, str] | None = None,
+                 triton_model_name: str = triton.DEFAULT_MODEL_NAME) -> Path:
     """Write out_dir/bundle atomically and return its path.
 
     thresholds: the gate the device's outputs must meet against the golden
     INT8 ONNX outputs (normally target.gates.engine). lint_report: the
     readiness lint as JSON (LintReport.to_json()). extra_files: more files to
-    ship, by name inside the bundle.
+    ship, by name inside the bundle. ort_session_config: how ONNX Runtime ran
+    the INT8 ONNX for the golden outputs (the Polygraphy golden outputs are
+    computed with it too). triton_model_name: the model's name (and directory)
+    in the Triton repository.
     """
     out_dir, qdq_onnx = Path(out_dir), Path(qdq_onnx)
     if not qdq_onnx.is_file():
         raise InputError(f"{qdq_onnx}: INT8 ONNX model not found")
     _ensure_self_contained(qdq_onnx)
+    io_spec = graph_io(qdq_onnx)
+    tensorrt = target.software.runtime == "tensorrt"
     extras = {_checked_extra_name(name): Path(path) for name, path in (extra_files or {}).items()}
     missing = [str(path) for path in extras.values() if not path.is_file()]
     if missing:
@@ -205,7 +355,14 @@ def write_bundle(out_dir: Path, qdq_onnx: Path, target: Target, golden: Golden, 
         (work / GOLDEN_FILE).write_bytes(golden.to_npz_bytes())
         _write_json(work / THRESHOLDS_FILE, thresholds_json(thresholds, ort_session_config))
         _write_json(work / LINT_FILE, dict(lint_report))
-        (work / README_FILE).write_text(device_readme(target), encoding="utf-8")
+        feeds, _ = polygraphy_golden.write_golden_files(work, qdq_onnx, golden.inputs, io_spec, target, ort_session_config)
+        model = triton.write_triton_repository(work, io_spec, target, qdq_onnx, triton_model_name)
+        if tensorrt:
+            script = work / BUILD_SCRIPT_FILE
+            script.write_text(trtexec.build_engine_script(target, io_spec.inputs, MODEL_FILE, model.version_dir), encoding="utf-8")
+            os.chmod(script, 0o755)
+        readme = device_readme(target, model, ort_session_config, (len(feeds), len(next(iter(feeds[0].values())))))
+        (work / README_FILE).write_text(readme, encoding="utf-8")
         for name, source in extras.items():
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, work / name)
@@ -242,11 +399,11 @@ def _move_into_place(work: Path, final: Path) -> Path:
 
 
 def _bundle_files(bundle_dir: Path) -> list[str]:
-    """Relative POSIX names of the shipped files (SHA256SUMS and device/ excluded), sorted."""
+    """Relative POSIX names of the shipped files (SHA256SUMS, device/ and the Triton plan excluded), sorted."""
     names = []
     for path in bundle_dir.rglob("*"):
-        relative = path.relative_to(bundle_dir)
-        if path.is_file() and relative.parts[0] != DEVICE_DIR and str(relative) != CHECKSUMS_FILE:
+        relative = PurePosixPath(path.relative_to(bundle_dir).as_posix())
+        if path.is_file() and not _device_written(relative) and str(relative) != CHECKSUMS_FILE:
             names.append(relative.as_posix())
     return sorted(names)
 

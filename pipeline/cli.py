@@ -55,6 +55,9 @@ def _build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--no-latency", dest="latency", action="store_false", help="do not time the stages (the default; params and MACs are always counted)")
     build.add_argument("--simplifier", choices=("onnxsim", "none"), default="onnxsim", help="ONNX graph simplifier after export (default: onnxsim)")
     build.add_argument("--require-engine", action="store_true", help="fail (exit 4) instead of writing a device bundle when no engine can be built here")
+    build.add_argument("--allow-mismatch", action="store_true",
+                       help="where this machine's GPU or TensorRT differs from the target's, build the engine for this machine anyway "
+                            "(default: write the device bundle; the manifest says why)")
     build.add_argument("--json", action="store_true", help="print the manifest summary as JSON instead of the table")
     build.set_defaults(func=build_command)
 
@@ -106,7 +109,7 @@ def build_command(args: argparse.Namespace) -> int:
     config = BuildConfig(
         target=target, out=args.out or Path("out") / target.name, model=args.model, data=args.data, weights=args.weights,
         fusion=args.fusion, train=train, simplifier=args.simplifier,
-        require_engine=args.require_engine, measure_latency=args.latency,
+        require_engine=args.require_engine, allow_mismatch=args.allow_mismatch, measure_latency=args.latency,
     )
     say = (lambda message: print(message, file=sys.stderr)) if args.json else print
     previous = signal.signal(signal.SIGTERM, _interrupt)

@@ -45,12 +45,25 @@ SOURCE_QDQ_8X_WEIGHTS = ("onnx-tensorrt#850 (maintainer: DequantizeLinear inputs
                          "in TensorRT 8.x), onnxruntime#14229; pre-quantized weights arrive with TensorRT 10's Q/DQ support")
 SOURCE_PROFILE = "TensorRT optimization profiles: every dynamic input dimension needs min/opt/max; the target gives only the batch"
 SOURCE_DLA = "NVIDIA TensorRT 'DLA Supported Layers and Restrictions'"
+SOURCE_DLA_QDQ = ("TensorRT#2222 (maintainers: DLA does not support QAT/explicit quantization; convert to implicit), "
+                  "cuDLA-samples#19 (Q/DQ constants 'not supported on DLA'), Model-Optimizer#1661 (2026: 'DLA still only "
+                  "supports IQ'; Q/DQ Translator -> calib.cache); TensorRT 11.4.1 'Strongly Typed Networks for DLA'")
+SOURCE_QDQ_GATHER = ("TensorRT developer guide, Explicit Quantization: a DQ moves forward only across layers that commute "
+                     "with it; onnx-tensorrt imports a per-axis DQ into Gather (INT8 embedding) but whether TensorRT 10.3 "
+                     "keeps the table INT8 is undocumented (shared/TENSORRT.md: UNCONFIRMED)")
+# Explicit quantization (Q/DQ) on DLA: 8.x and 10.x DLA take implicit (calibrated) INT8 only; the first
+# release whose DLA builds take Q/DQ is 11.4.1 (DLA back, strongly typed only, on AGX Orin with JetPack 7.2.2).
+_DLA_QDQ_SINCE = (11, 4, 1)
 
 # ops through which TensorRT moves a DequantizeLinear forward to the op it
 # fuses into (data movement only: the values are unchanged).
 # Relu too: with a zero point of 0 and a positive scale, relu(s*q) = s*relu(q).
 _COMMUTING_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool",
                             "Slice", "Gather", "Concat", "Split", "Expand", "Relu"})
+# ...but only a per-tensor DQ (one scale) moves across these: a per-axis DQ's scales are
+# indexed along an axis these pick rows from (a Gather of an INT8 embedding table gives
+# each row its own scale), so one Q/DQ pair cannot stand for the result.
+_PER_TENSOR_ONLY_OPS = frozenset({"Gather"})
 # ops a DequantizeLinear fuses into: weighted ops, the residual add, INT8 pooling.
 _DQ_FUSING_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "AveragePool", "GlobalAveragePool",
                             "QuantizeLinear"})
@@ -172,20 +185,33 @@ class _Graph:
     def is_constant(self, name: str) -> bool:
         return name in self.constants
 
-    def fused_consumers(self, tensor: str, seen: frozenset[str] = frozenset()) -> Iterator[Any]:
-        """The ops tensor's value reaches through commuting (data-movement) ops."""
+    def fused_consumers(self, tensor: str, seen: frozenset[str] = frozenset(), per_axis: bool = False) -> Iterator[Any]:
+        """The ops tensor's value reaches through commuting (data-movement) ops.
+
+        per_axis: the value comes from a per-axis DequantizeLinear, which does not
+        commute across _PER_TENSOR_ONLY_OPS (those are then yielded as consumers)."""
         for node in self.consumers.get(tensor, []):
-            if node.op_type in _COMMUTING_OPS and node.name not in seen:
+            commutes = node.op_type in _COMMUTING_OPS and not (per_axis and node.op_type in _PER_TENSOR_ONLY_OPS)
+            if commutes and node.name not in seen:
                 for output in node.output:
-                    yield from self.fused_consumers(output, seen | {node.name})
+                    yield from self.fused_consumers(output, seen | {node.name}, per_axis)
             else:
                 yield node
 
     def comes_from_dequantize(self, tensor: str) -> bool:
         node = self.producer.get(tensor)
+        crossed: set[str] = set()
         while node is not None and node.op_type in _COMMUTING_OPS and node.input:
+            crossed.add(node.op_type)
             node = self.producer.get(node.input[0])
-        return node is not None and node.op_type == "DequantizeLinear"
+        if node is None or node.op_type != "DequantizeLinear":
+            return False
+        return not (crossed & _PER_TENSOR_ONLY_OPS and self.is_per_axis(node))
+
+    def is_per_axis(self, node: Any) -> bool:
+        """A Q/DQ with more than one scale (per-channel / per-row)."""
+        scale = self.constants.get(node.input[1]) if len(node.input) > 1 else None
+        return scale is not None and scale.size > 1
 
 
 def _initializer_value(init: Any) -> np.ndarray | None:
@@ -300,6 +326,25 @@ def _check_dla(model: Any, target: Target) -> Iterator[Finding]:
                       f"{len(names)} {op} node(s) have no DLA layer and {outcome}", SOURCE_DLA)
 
 
+def _check_dla_qdq(model: Any, target: Target) -> Iterator[Finding]:
+    """Explicit quantization on DLA before TensorRT 11.4.1: the Q/DQ run on the GPU, the DLA graph splits."""
+    if not target.builder.use_dla or not target.software.tensorrt:
+        return
+    if version_tuple(target.software.tensorrt) >= _DLA_QDQ_SINCE:
+        return
+    qdq = [node for node in _all_nodes(model.graph) if node.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if not qdq:
+        return
+    yield Finding("warning", "dla-explicit-quantization", _label(qdq[0]) + (f" and {len(qdq) - 1} more" if len(qdq) > 1 else ""),
+                  qdq[0].op_type,
+                  f"{len(qdq)} Q/DQ node(s) on a DLA target with TensorRT {target.software.tensorrt}: DLA in TensorRT 8.x/10.x "
+                  "takes implicit (calibrated) INT8 only, so the Q/DQ layers run on the GPU and the DLA graph splits into "
+                  "islands around them (at most 16 loadables per DLA core; the rest falls back to the GPU or the build "
+                  "fails). Deploy the float model with a calibration cache translated from the Q/DQ scales (NVIDIA "
+                  "Q/DQ Translator, Deep-Learning-Accelerator-SW/tools/qdq-translator), or target the GPU; Q/DQ on DLA "
+                  "arrives with TensorRT 11.4.1 (strongly typed)", SOURCE_DLA_QDQ)
+
+
 def _quantized_int32(graph: _Graph, node: Any) -> bool:
     """A DequantizeLinear of INT32 data: a quantized bias, as ONNX Runtime's quantizer writes by default."""
     data = graph.constants.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
@@ -357,7 +402,17 @@ def _check_qdq_placement(graph: _Graph, node: Any) -> Iterator[Finding]:
                           f"INT8 output feeds {others[0].op_type} '{_label(others[0])}' directly; TensorRT expects each "
                           "QuantizeLinear to be followed by a DequantizeLinear", SOURCE_QDQ_PLACEMENT)
         return
-    targets = list(graph.fused_consumers(node.output[0]))
+    per_axis = graph.is_per_axis(node)
+    targets = list(graph.fused_consumers(node.output[0], per_axis=per_axis))
+    for gather in (c for c in targets if per_axis and c.op_type in _PER_TENSOR_ONLY_OPS):
+        axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1)
+        yield Finding("warning", "dequantize-per-axis-gather", label, op,
+                      f"per-axis DequantizeLinear (axis {axis}, {graph.constants[node.input[1]].size} scales) feeds "
+                      f"{gather.op_type} '{_label(gather)}': one Q/DQ cannot move across it (each gathered row keeps its "
+                      f"own scale), so '{_label(gather)}' and what follows get float values; TensorRT may keep the table "
+                      "INT8 or fold it to float (not documented for 10.3). If the consumer should run INT8, "
+                      "quantize the Gather's output with its own QuantizeLinear/DequantizeLinear", SOURCE_QDQ_GATHER)
+        return
     if targets and not any(c.op_type in _DQ_FUSING_OPS for c in targets):
         kinds = ", ".join(sorted({c.op_type for c in targets}))
         yield Finding("warning", "dequantize-not-fused", label, op,
@@ -415,6 +470,7 @@ def lint_model(model: Any, target: Target, model_name: str = "model.onnx") -> Li
         *_check_initializer_types(model, table.major),
         *_check_dynamic_dims(model, target),
         *_check_dla(model, target),
+        *_check_dla_qdq(model, target),
         *_check_qdq(model, table.major),
     ]
     order = {"error": 0, "warning": 1, "info": 2}

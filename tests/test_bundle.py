@@ -96,13 +96,42 @@ def run_command(*argv) -> int:
 
 def test_bundle_holds_every_file_with_checksums(tmp_path, model_path):
     bundle = make_bundle(tmp_path, model_path)
-    names = {p.name for p in bundle.iterdir()}
-    assert names == {"model.int8.onnx", "target.json", "golden.npz", "thresholds.json", "lint.json", "README.md", CHECKSUMS_FILE}
+    names = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
+    assert names == {"model.int8.onnx", "target.json", "golden.npz", "thresholds.json", "lint.json", "README.md", CHECKSUMS_FILE,
+                     "build_engine.sh", "golden_inputs.json", "golden_outputs.json",
+                     "triton/edgepipe/config.pbtxt", "triton/edgepipe/1/README.md"}
     listed = [line.split("  ", 1)[1] for line in (bundle / CHECKSUMS_FILE).read_text().splitlines()]
     assert sorted(listed) == sorted(names - {CHECKSUMS_FILE})
     verify_bundle_checksums(bundle)
+    assert (bundle / "build_engine.sh").stat().st_mode & 0o111  # executable
     readme = (bundle / "README.md").read_text()
     assert "python -m pipeline engine --bundle" in readme and "python -m pipeline verify --bundle" in readme
+
+
+def test_readme_gives_the_three_ways_and_the_triton_layout(tmp_path, model_path):
+    readme = (make_bundle(tmp_path, model_path) / "README.md").read_text()
+    assert "python -m pipeline engine --bundle ." in readme and "python -m pipeline verify --bundle ." in readme
+    assert "./build_engine.sh" in readme and "trtexec" in readme
+    assert "polygraphy run model.int8.onnx --onnxrt" in readme and "--load-inputs golden_inputs.json" in readme
+    assert "--load-outputs golden_outputs.json" in readme and "--atol" in readme and "--rtol" in readme
+    assert "triton/" in readme and "config.pbtxt" in readme and "tritonserver --model-repository" in readme
+
+
+def test_onnx_runtime_target_bundle_has_no_trtexec_script(tmp_path, model_path):
+    bundle = make_bundle(tmp_path, model_path, target_name="cpu")
+    assert not (bundle / "build_engine.sh").exists()
+    assert (bundle / "triton" / "edgepipe" / "1" / "model.onnx").is_file()
+    readme = (bundle / "README.md").read_text()
+    assert "build_engine.sh" not in readme and "polygraphy run" in readme
+    verify_bundle_checksums(bundle)
+
+
+@pytest.mark.parametrize("name", ["build_engine.sh", "golden_inputs.json", "triton/edgepipe/config.pbtxt"])
+def test_extra_files_cannot_replace_the_new_files(tmp_path, model_path, name):
+    target = resolve_target("jetson")
+    with pytest.raises(InputError, match="must be a relative path inside the bundle"):
+        write_bundle(tmp_path / "out", model_path, target, golden_for(model_path), target.gates.engine, {},
+                     extra_files={name: model_path})
 
 
 def test_golden_and_target_read_back_unchanged(tmp_path, model_path):

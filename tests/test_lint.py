@@ -263,3 +263,47 @@ def test_raise_on_errors_lists_the_findings():
     with pytest.raises(InputError, match=r"(?s)not ready for TensorRT 10.3.*x_quant \[QuantizeLinear\] qdq-zero-point-nonzero"):
         report.raise_on_errors()
     lint_model(qdq_linear_model(), resolve_target("jetson")).raise_on_errors()
+
+
+def int8_embedding_model(per_row=True):
+    """An INT8 embedding table: DequantizeLinear (per-row scales, axis 0) -> Gather(ids) -> MatMul(Q/DQ weight)."""
+    rows = 10
+    scale = np.full(rows, 0.02, np.float32) if per_row else np.float32(0.02)
+    zero = np.zeros(rows, np.int8) if per_row else np.int8(0)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["table_q", "table_scale", "table_zero"], ["table"], name="table_dequant", axis=0),
+        helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed", axis=0),
+        helper.make_node("QuantizeLinear", ["w", "w_scale", "w_zero"], ["w_q"], name="w_quant"),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_dq"], name="w_dequant"),
+        helper.make_node("MatMul", ["emb", "w_dq"], ["y"], name="head"),
+    ]
+    inits = [tensor("table_q", np.ones((rows, 4), np.int8)), tensor("table_scale", scale), tensor("table_zero", zero),
+             tensor("w", np.ones((4, 3), np.float32)), tensor("w_scale", np.float32(0.01)), tensor("w_zero", np.int8(0))]
+    return make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT32, [8, 5])],
+                      [float_input("y", [8, 5, 3])], inits)
+
+
+def test_per_row_dequantize_does_not_commute_across_gather():
+    report = lint_model(int8_embedding_model(per_row=True), resolve_target("jetson"))
+    (finding,) = [f for f in report.findings if f.rule == "dequantize-per-axis-gather"]
+    assert finding.node == "table_dequant" and finding.severity == "warning"
+    assert "embed" in finding.message and "axis 0" in finding.message
+    # the MatMul then gets a float activation and a quantized weight: partially quantized
+    assert "weighted-op-partially-quantized" in rules(report, "warning")
+
+
+def test_per_tensor_dequantize_still_commutes_across_gather():
+    report = lint_model(int8_embedding_model(per_row=False), resolve_target("jetson"))
+    assert "dequantize-per-axis-gather" not in rules(report)
+    assert "weighted-op-partially-quantized" not in rules(report)
+
+
+def test_qdq_model_on_dla_with_tensorrt_10_warns():
+    report = lint_model(qdq_linear_model(), resolve_target("jetson-agx-orin"))  # TensorRT 10.3, use_dla
+    (finding,) = [f for f in report.findings if f.rule == "dla-explicit-quantization"]
+    assert finding.severity == "warning" and "10.3" in finding.message and "GPU" in finding.message
+    assert "TensorRT#2222" in finding.source and "cuDLA-samples#19" in finding.source
+    assert "dla-explicit-quantization" not in rules(lint_model(qdq_linear_model(), resolve_target("jetson")))
+    plain = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [float_input("x", [8, 4])],
+                       [float_input("y", [8, 4])])
+    assert "dla-explicit-quantization" not in rules(lint_model(plain, resolve_target("jetson-agx-orin")))

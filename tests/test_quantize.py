@@ -280,3 +280,175 @@ def test_settings_key_names_the_algorithm_and_every_setting():
     key = quantize_settings(Quantize())
     assert key["algorithm"] and key["method"] == "percentile" and key["form"] == "tensorrt"
     assert quantize_settings(Quantize(method="entropy")) != key
+
+
+# ----------------------------------------------------------------- valid ONNX: node order
+# The ONNX spec wants graph.node topologically sorted; ONNX Runtime sorts on load and hides a violation,
+# onnx.checker (full_check), `polygraphy check lint` and tools that read nodes in file order do not.
+
+
+def _full_check(path: Path) -> None:
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_cpu(tiny_fp32, tmp_path_factory) -> Artifact:
+    fp32, data = tiny_fp32
+    return quantize(fp32, data, Quantize(form="cpu", method="percentile"), tmp_path_factory.mktemp("cpu"))
+
+
+@pytest.fixture
+def checked_writes(monkeypatch) -> list[Path]:
+    """Every INT8 file quantize() writes (the fallback's candidates too), full-checked as it is written."""
+    import pipeline.quantization.quantize as stage
+
+    written: list[Path] = []
+    write = stage.write_qdq
+
+    def write_and_check(*args, **kwargs) -> Path:
+        path = write(*args, **kwargs)
+        _full_check(path)
+        written.append(path)
+        return path
+
+    monkeypatch.setattr(stage, "write_qdq", write_and_check)
+    return written
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["no-fallback", "fallback"])
+@pytest.mark.parametrize("form", ["tensorrt", "cpu"])
+def test_int8_output_and_every_candidate_pass_the_full_onnx_check(tmp_path, checked_writes, form, fallback):
+    fp32 = fragile_model(tmp_path / "fragile.onnx")
+    tuning = features(seed=1)
+    # an unmeetable gate: the fallback spends its budget, so several candidates are written
+    evaluator = make_evaluator(tuning, reference_logits(fp32, tuning), Gate(max_abs_error=0.0)) if fallback else None
+    settings = Quantize(form=form, method="minmax", op_types=("Gemm",), max_fallback_steps=2)
+    out = quantize(fp32, features(), settings, tmp_path / "q", evaluator)
+    _full_check(out.path)
+    assert len(checked_writes) > (2 if fallback else 0)
+    assert out.meta["fallback_steps"] == (2 if fallback else 0)
+
+
+def test_every_onnx_file_the_pipeline_writes_passes_the_full_onnx_check(tiny_fp32, tiny_tensorrt, tiny_cpu):
+    """The fused-tiny FP32 export and its INT8 model in both forms (the TensorRT one is the bundle's)."""
+    fp32, _ = tiny_fp32
+    for artifact in (fp32, tiny_tensorrt, tiny_cpu):
+        _full_check(artifact.path)
+        nodes = onnx.load(str(artifact.path)).graph.node
+        assert len(nodes) > 50, artifact.path  # the real graph (98 nodes in FP32), embedding and Q/DQ included
+    assert tiny_tensorrt.meta["quantized_regions"]["embedding"] == tiny_cpu.meta["quantized_regions"]["embedding"] == 1
+
+
+def _polygraphy() -> str | None:
+    import importlib.util
+    import shutil
+    import sys
+
+    if importlib.util.find_spec("polygraphy") is None or importlib.util.find_spec("onnx_graphsurgeon") is None:
+        return None
+    beside = Path(sys.executable).parent / "polygraphy"
+    return str(beside) if beside.exists() else shutil.which("polygraphy")
+
+
+@pytest.mark.skipif(_polygraphy() is None, reason="polygraphy (with onnx_graphsurgeon, which its lint needs) is not installed")
+@pytest.mark.parametrize("form", ["tensorrt", "cpu"])
+def test_polygraphy_lint_passes_on_the_int8_model(request, tmp_path, form):
+    import json
+    import subprocess
+
+    artifact = request.getfixturevalue(f"tiny_{form}")
+    report = tmp_path / "lint.json"
+    run = subprocess.run([_polygraphy(), "check", "lint", str(artifact.path), "-o", str(report)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    entries = json.loads(report.read_text())["lint_entries"]
+    assert not [e for e in entries if e.get("level") == "exception"], entries
+
+
+def _node_multiset(model: onnx.ModelProto) -> list[bytes]:
+    return sorted(node.SerializeToString(deterministic=True) for node in model.graph.node)
+
+
+@pytest.mark.parametrize("form", ["tensorrt", "cpu"])
+def test_sorting_moves_nodes_only_and_keeps_the_logits_bit_identical(tmp_path, monkeypatch, form):
+    """The output as written before the sort (nodes in the quantizer's order) against the sorted one."""
+    import pipeline.quantization.qdq as qdq
+
+    fp32 = fragile_model(tmp_path / "fragile.onnx")
+    settings = Quantize(form=form, method="minmax", op_types=("Gemm",))
+    sorted_out = quantize(fp32, features(), settings, tmp_path / "sorted")
+    monkeypatch.setattr(qdq, "sort_nodes_topologically", lambda graph: False)
+    unsorted_out = quantize(fp32, features(), settings, tmp_path / "unsorted")
+    before, after = onnx.load(str(unsorted_out.path)), onnx.load(str(sorted_out.path))
+    assert [n.name for n in before.graph.node] != [n.name for n in after.graph.node], "the quantizer's order was sorted"
+    assert _node_multiset(before) == _node_multiset(after)
+    for field in ("input", "output", "initializer", "value_info"):
+        assert [x.SerializeToString(deterministic=True) for x in getattr(before.graph, field)] == \
+               [x.SerializeToString(deterministic=True) for x in getattr(after.graph, field)], field
+    data = features(seed=2)
+    assert np.array_equal(int8_logits(unsorted_out, data), int8_logits(sorted_out, data))
+
+
+def test_topological_sort_is_stable_and_handles_inputs_initializers_and_empty_optional_inputs():
+    from pipeline.quantization.topology import sort_nodes_topologically
+
+    spec = ["batch", FEATURES]
+    nodes = [
+        helper.make_node("Constant", [], ["low"], name="low", value=numpy_helper.from_array(np.float32(-1.0))),
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Clip", ["r", "", "high"], ["c"], name="clip_max_only"),  # "" : the optional min left out
+        helper.make_node("Clip", ["c", "low", ""], ["d"], name="clip_min_only"),
+        helper.make_node("Add", ["d", "x"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(nodes, "order", [helper.make_tensor_value_info("x", TensorProto.FLOAT, spec)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, spec)],
+                              [numpy_helper.from_array(np.float32(2.0), "high")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    sorted_bytes = model.SerializeToString(deterministic=True)
+    assert sort_nodes_topologically(model.graph) is False
+    assert model.SerializeToString(deterministic=True) == sorted_bytes, "a sorted graph keeps its order exactly"
+
+    for order in ([4, 3, 2, 1, 0], [1, 4, 0, 3, 2]):
+        shuffled = onnx.ModelProto()
+        shuffled.CopyFrom(model)
+        shuffled.graph.ClearField("node")
+        shuffled.graph.node.extend([nodes[i] for i in order])
+        assert sort_nodes_topologically(shuffled.graph) is True
+        onnx.checker.check_model(shuffled, full_check=True)
+        assert _node_multiset(shuffled) == _node_multiset(model)
+        names = [n.name for n in shuffled.graph.node]
+        assert names.index("relu") < names.index("clip_max_only") < names.index("clip_min_only") < names.index("add")
+        assert names.index("low") < names.index("clip_min_only")
+    # nodes already in place stay put: only the one out of order moves (before its first consumer)
+    late = onnx.ModelProto()
+    late.CopyFrom(model)
+    late.graph.ClearField("node")
+    late.graph.node.extend([nodes[i] for i in (1, 2, 3, 4, 0)])
+    sort_nodes_topologically(late.graph)
+    assert [n.name for n in late.graph.node] == ["relu", "clip_max_only", "low", "clip_min_only", "add"]
+
+
+def test_topological_sort_counts_subgraph_reads_and_rejects_cycles():
+    from pipeline.quantization.topology import sort_nodes_topologically
+
+    scalar = []
+    branch = lambda name: helper.make_graph(  # noqa: E731
+        [helper.make_node("Identity", ["outer"], [f"{name}_out"], name=f"{name}_identity")], name, [],
+        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, scalar)])
+    nodes = [
+        helper.make_node("If", ["flag"], ["y"], name="if", then_branch=branch("then"), else_branch=branch("else")),
+        helper.make_node("Neg", ["x"], ["outer"], name="produces_outer"),  # read only inside the branches
+    ]
+    graph = helper.make_graph(nodes, "scoped", [helper.make_tensor_value_info("flag", TensorProto.BOOL, scalar),
+                                                helper.make_tensor_value_info("x", TensorProto.FLOAT, scalar)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, scalar)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert sort_nodes_topologically(model.graph) is True
+    assert [n.name for n in model.graph.node] == ["produces_outer", "if"]
+    onnx.checker.check_model(model, full_check=True)
+
+    cycle = helper.make_graph([helper.make_node("Neg", ["b"], ["a"], name="first"),
+                               helper.make_node("Neg", ["a"], ["b"], name="second")], "cycle", [],
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, scalar)])
+    with pytest.raises(ValueError, match="cycle"):
+        sort_nodes_topologically(cycle)

@@ -537,6 +537,23 @@ from pipeline.errors import InputError  # noqa: E402
 from pipeline.trt import engine as engine_module  # noqa: E402
 from pipeline.targets import resolve_target  # noqa: E402
 
+# Names the fake hides before the TensorRT version that introduced them (the stubs are 10.13):
+ADDED_IN = {
+    # NvInfer.h / pyCore.cpp: kSAME_COMPUTE_CAPABILITY first in 10.9 (absent v10.3.0-v10.8.0); JetPack 6 has 10.3
+    ("HardwareCompatibilityLevel", "SAME_COMPUTE_CAPABILITY"): (10, 9),
+    # hardware compatibility, version compatibility (lean runtime, host code) and the optimization level: 8.6
+    ("HardwareCompatibilityLevel",): (8, 6),
+    ("IBuilderConfig", "hardware_compatibility_level"): (8, 6),
+    ("BuilderFlag", "VERSION_COMPATIBLE"): (8, 6),
+    ("BuilderFlag", "EXCLUDE_LEAN_RUNTIME"): (8, 6),
+    ("Runtime", "engine_host_code_allowed"): (8, 6),
+    ("IBuilderConfig", "builder_optimization_level"): (8, 6),
+    # strongly typed networks arrived with 9.x (used only on 10.x here); ParserError.node_name with 9.1
+    # (see engine._describe_parser_error)
+    ("NetworkDefinitionCreationFlag", "STRONGLY_TYPED"): (9, 0),
+    ("ParserError", "node_name"): (9, 1),
+}
+
 INSPECTOR_JSON = _json.dumps({"Layers": [
     {"Name": "image_head", "LayerType": "CaskGemmMatrixMultiply", "Inputs": [{"Name": "x", "Format/Datatype": "Int8"}],
      "Outputs": [{"Name": "y", "Format/Datatype": "Row major linear FP32"}]},
@@ -584,37 +601,96 @@ class _Double:
     def __setattr__(self, name: str, value) -> None:
         self._world.check_member(self._class, name)
         self._world.calls.append((f"{self._class}.{name} =", (value,), {}))
+        self._state[name] = value
 
 
 class _FakeTensorRT:
     """The `tensorrt` module as the engine stage sees it, for one TensorRT version."""
 
-    def __init__(self, api: StubApi, version: str, *, dla_cores: int = 0, parse_ok: bool = True):
+    def __init__(self, api: StubApi, version: str, *, dla_cores: int = 0, parse_ok: bool = True,
+                 build_ok: bool = True, cache_accepted: bool = True, cache_available: bool = True,
+                 inspector_json: str | None = None):
         self.api, self.__version__, self.major = api, version, int(version.split(".")[0])
-        self.dla_cores, self.parse_ok = dla_cores, parse_ok
+        self.version = tuple(int(part) for part in version.split(".")[:2])
+        self.dla_cores, self.parse_ok, self.build_ok = dla_cores, parse_ok, build_ok
+        # set_timing_cache's answer (False: device/version mismatch) and whether get_timing_cache has one
+        self.cache_accepted, self.cache_available = cache_accepted, cache_available
+        self.inspector_json = inspector_json or INSPECTOR_JSON
         self.calls: list[tuple[str, tuple, dict]] = []
+        # TensorRT keeps the first logger given to a Builder or Runtime in a process (TensorRT#1475):
+        # everything later is logged there, whatever logger a later Builder/Runtime was given.
+        self.kept_logger = None
         severity = SimpleNamespace(**{n: _Enum(f"Severity.{n}", i) for i, n in enumerate(
             ["INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"])})
         self.ILogger = type("ILogger", (), {"Severity": severity, "__init__": lambda self: None})
 
     # -- the stubs decide which names exist
     def removed(self, class_name: str, name: str) -> bool:
+        if self.version < ADDED_IN.get((class_name, name), (0, 0)):
+            return True  # not there yet in the version played (the stubs are 10.13)
         return self.major >= 11 and (name in REMOVED_MEMBERS.get(class_name, ()) or (class_name, name) in REMOVED_MODULE_CHAINS)
 
     def check_member(self, class_name: str, name: str) -> None:
         if name not in self.api.members(class_name) or self.removed(class_name, name):
             raise AttributeError(f"TensorRT {self.__version__}: '{class_name}' has no attribute '{name}'")
-        if self.major < 9 and (class_name, name) == ("IBuilderConfig", "builder_optimization_level"):
-            raise AttributeError("builder_optimization_level arrived in TensorRT 8.6")
 
     def __getattr__(self, name: str):
-        if name not in self.api.module_names or (self.major >= 11 and (name,) in REMOVED_MODULE_CHAINS):
+        if (name not in self.api.module_names or (self.major >= 11 and (name,) in REMOVED_MODULE_CHAINS)
+                or self.version < ADDED_IN.get((name,), (0, 0))):
             raise AttributeError(f"module 'tensorrt' {self.__version__} has no attribute '{name}'")
-        if name in ("Builder", "OnnxParser", "Runtime"):
-            return lambda *args: _Double(self, name)
+        if name in ("Builder", "Runtime"):
+            def construct(logger):
+                self.calls.append((name, (logger,), {}))
+                return _Double(self, name, logger=self.keep_logger(logger))
+            return construct
+        if name == "OnnxParser":
+            return lambda network, logger: _Double(self, name, logger=logger)
         members = self.api.classes[name].members
         return SimpleNamespace(**{m: _Enum(f"{name}.{m}", i) for i, m in enumerate(sorted(members))
                                   if m.isupper() and not self.removed(name, m)})
+
+    def keep_logger(self, logger):
+        if self.kept_logger is None:
+            self.kept_logger = logger
+        return self.kept_logger
+
+    def log(self, severity: str, message: str) -> None:
+        """What TensorRT logs goes to the first logger it was given, not to the caller's."""
+        if self.kept_logger is not None:
+            self.kept_logger.log(getattr(self.ILogger.Severity, severity), message)
+
+    def _build(self, network, config):
+        if not self.build_ok:
+            self.log("ERROR", "[network.cpp::validate] Error Code 4: Internal Error (image: dynamic input is missing dimensions in profile 0.)")
+            return None
+        if "BuilderFlag.VERSION_COMPATIBLE" in {repr(args[0]) for args in self.called("IBuilderConfig.set_flag")}:
+            return b"VC-PLAN-BYTES"  # embeds the lean runtime (host code)
+        return b"PLAN-BYTES"
+
+    def _deserialize(self, runtime, plan):
+        # The runtime refuses a plan with host code (a version-compatible plan embeds the lean
+        # runtime) unless runtime.engine_host_code_allowed is set (stubs 10.13: "Whether this runtime
+        # is allowed to deserialize engines that contain host executable code (Default: False)";
+        # Polygraphy's EngineFromBytes sets it for version-compatible plans). Like every failed
+        # deserialization it logs an error and returns None; the message text here is the fake's own.
+        if bytes(plan).startswith(b"VC-") and not runtime._state.get("engine_host_code_allowed"):
+            self.log("ERROR", "IRuntime::deserializeCudaEngine: (fake) the plan contains host code and "
+                              "engine_host_code_allowed is false")
+            return None
+        return _Double(self, "ICudaEngine")
+
+    def _parse(self, data, path=None):
+        if not self.parse_ok:
+            self.log("ERROR", "ModelImporter.cpp:949: While parsing node number 5 [NonMaxSuppression -> \"boxes\"]: "
+                              "no importer registered for op: NonMaxSuppression")
+        return self.parse_ok
+
+    def _set_timing_cache(self, config, cache, ignore_mismatch):
+        config._state["timing_cache"] = cache if self.cache_accepted else None
+        return self.cache_accepted
+
+    def _get_timing_cache(self, config):
+        return config._state.get("timing_cache") if self.cache_available else None
 
     # -- what the doubles return
     def behaviour(self, obj: _Double, name: str):
@@ -624,7 +700,7 @@ class _FakeTensorRT:
             ("Builder", "create_builder_config"): lambda: _Double(self, "IBuilderConfig"),
             ("Builder", "create_optimization_profile"): lambda: _Double(self, "IOptimizationProfile"),
             ("Builder", "num_DLA_cores"): self.dla_cores,
-            ("Builder", "build_serialized_network"): lambda network, config: b"PLAN-BYTES",
+            ("Builder", "build_serialized_network"): self._build,
             ("INetworkDefinition", "num_inputs"): 1,
             ("INetworkDefinition", "get_input"): lambda i: _Double(self, "ITensor", name="image", shape=(-1, 3, 4, 4)),
             ("INetworkDefinition", "num_layers"): 2,
@@ -633,20 +709,22 @@ class _FakeTensorRT:
             ("ITensor", "shape"): state.get("shape"),
             ("ILayer", "name"): state.get("name"),
             ("IBuilderConfig", "can_run_on_DLA"): lambda layer: layer._state["name"] != "gather",
-            ("IBuilderConfig", "create_timing_cache"): lambda data: _Double(self, "ITimingCache"),
-            ("IBuilderConfig", "get_timing_cache"): lambda: _Double(self, "ITimingCache"),
-            ("IBuilderConfig", "set_timing_cache"): lambda cache, ignore_mismatch: True,
+            ("IBuilderConfig", "create_timing_cache"): lambda data: _Double(self, "ITimingCache", data=bytes(data)),
+            ("IBuilderConfig", "get_timing_cache"): lambda: self._get_timing_cache(obj),
+            ("IBuilderConfig", "set_timing_cache"): lambda cache, ignore_mismatch: self._set_timing_cache(obj, cache, ignore_mismatch),
             ("ITimingCache", "serialize"): lambda: b"CACHE",
-            ("OnnxParser", "parse"): lambda data, path=None: self.parse_ok,
+            ("ITimingCache", "combine"): lambda input_cache, ignore_mismatch: True,
+            ("OnnxParser", "parse"): self._parse,
             ("OnnxParser", "num_errors"): 1,
             ("OnnxParser", "get_error"): lambda i: _Double(self, "ParserError"),
             ("ParserError", "node"): lambda: 5,
             ("ParserError", "node_name"): lambda: "",
             ("ParserError", "desc"): lambda: "no importer for op",
             ("ParserError", "code"): lambda: 8,
-            ("Runtime", "deserialize_cuda_engine"): lambda plan: _Double(self, "ICudaEngine"),
+            ("Runtime", "deserialize_cuda_engine"): lambda plan: self._deserialize(obj, plan),
             ("ICudaEngine", "create_engine_inspector"): lambda: _Double(self, "EngineInspector"),
-            ("EngineInspector", "get_engine_information"): lambda fmt: INSPECTOR_JSON,
+            ("ICudaEngine", "num_io_tensors"): 0,
+            ("EngineInspector", "get_engine_information"): lambda fmt: self.inspector_json,
         }
         return table.get((obj._class, name), lambda *args, **kwargs: None)
 
@@ -761,3 +839,202 @@ def dataclasses_replace_builder(target, **changes):
     import dataclasses
 
     return dataclasses.replace(target, builder=dataclasses.replace(target.builder, **changes))
+
+
+# ------------------------------------------------------------------------
+# Versions, version-compatible plans, timing cache, the process logger, real inspector dumps.
+
+import copy as _copy  # noqa: E402
+import fcntl as _fcntl  # noqa: E402
+
+from pipeline.errors import PipelineError  # noqa: E402
+
+from trex_engine_excerpt import MOBILENET_QAT_EXCERPT  # noqa: E402  (tests/ is on sys.path)
+
+
+def _jetson(**builder_changes):
+    return dataclasses_replace_builder(resolve_target("jetson"), **builder_changes)
+
+
+def test_double_same_compute_capability_on_10_3_is_refused_naming_the_target_key(tmp_path, fake_tensorrt):
+    fake_tensorrt("10.3.0.30")  # JetPack 6: HardwareCompatibilityLevel has NONE and AMPERE_PLUS only
+    with pytest.raises(InputError, match=r"builder\.hardware_compatibility.*same_compute_capability.*10\.3\.0\.30"):
+        engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), _jetson(hardware_compatibility="same_compute_capability"),
+                                   tmp_path / "w", None)
+
+
+def test_double_hardware_compatibility_levels_per_version(tmp_path, fake_tensorrt):
+    fake = fake_tensorrt("10.3.0.30")
+    engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), _jetson(hardware_compatibility="ampere_plus"), tmp_path / "a", None)
+    assert [repr(a[0]) for a in fake.called("IBuilderConfig.hardware_compatibility_level =")] == ["HardwareCompatibilityLevel.AMPERE_PLUS"]
+    fake = fake_tensorrt("10.13.0.35")
+    engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), _jetson(hardware_compatibility="same_compute_capability"),
+                               tmp_path / "b", None)
+    assert [repr(a[0]) for a in fake.called("IBuilderConfig.hardware_compatibility_level =")] == [
+        "HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY"]
+
+
+def test_double_8_5_refuses_compatibility_settings_it_lacks(tmp_path, fake_tensorrt):
+    fake_tensorrt("8.5.2.2")  # JetPack 5: no hardware or version compatibility (both 8.6)
+    model = _tiny_onnx(tmp_path / "m.onnx")
+    with pytest.raises(InputError, match=r"builder\.hardware_compatibility.*8\.5\.2\.2"):
+        engine_module.build_engine(model, _jetson(hardware_compatibility="ampere_plus"), tmp_path / "w", None)
+    with pytest.raises(InputError, match=r"builder\.version_compatible.*8\.5\.2\.2"):
+        engine_module.build_engine(model, _jetson(version_compatible=True), tmp_path / "w", None)
+
+
+def test_double_version_compatible_plan_is_loaded_back_with_host_code_allowed(tmp_path, fake_tensorrt):
+    fake = fake_tensorrt("10.3.0.30")
+    result = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), _jetson(version_compatible=True), tmp_path / "w", None)
+    assert "BuilderFlag.VERSION_COMPATIBLE" in _flags(fake)
+    assert fake.called("Runtime.engine_host_code_allowed =") == [(True,)]
+    assert result.plan_path.read_bytes() == b"VC-PLAN-BYTES" and result.metadata["version_compatible"] is True
+
+
+def test_double_fake_runtime_refuses_a_version_compatible_plan_without_host_code(fake_tensorrt):
+    fake = fake_tensorrt("10.3.0.30")
+    runtime = fake.Runtime(None)
+    assert runtime.deserialize_cuda_engine(b"VC-PLAN-BYTES") is None
+    runtime.engine_host_code_allowed = True
+    assert runtime.deserialize_cuda_engine(b"VC-PLAN-BYTES") is not None
+
+
+def test_double_rejected_timing_cache_is_reported_and_the_build_goes_on(tmp_path, fake_tensorrt):
+    fake = fake_tensorrt("10.3.0.30", cache_accepted=False)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    name = engine_module.timing_cache_name(resolve_target("jetson").name, "10.3.0.30", "Orin (nvgpu)", "8.7")
+    (cache_dir / name).write_bytes(b"FROM-ANOTHER-DEVICE")
+    result = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), resolve_target("jetson"), tmp_path / "w", cache_dir)
+    assert result.plan_path.read_bytes() == b"PLAN-BYTES"
+    assert any("timing cache" in w and "rejected" in w for w in result.metadata["warnings"]), result.metadata["warnings"]
+    assert any("rejected" in w for w in _json.loads(result.metadata_path.read_text())["warnings"])
+    assert fake.called("Builder.build_serialized_network")
+
+
+def test_double_missing_timing_cache_after_the_build_is_not_written(tmp_path, fake_tensorrt):
+    fake_tensorrt("10.3.0.30", cache_available=False)  # config.get_timing_cache() returns None
+    result = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), resolve_target("jetson"), tmp_path / "w", tmp_path / "cache")
+    assert not result.timing_cache_path.exists()
+    assert any("timing cache" in w for w in result.metadata["warnings"])
+
+
+def test_double_timing_cache_is_combined_with_the_file_under_a_lock_and_written_atomically(tmp_path, fake_tensorrt, monkeypatch):
+    fake = fake_tensorrt("10.3.0.30")
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    cache_file = cache_dir / engine_module.timing_cache_name(resolve_target("jetson").name, "10.3.0.30", "Orin (nvgpu)", "8.7")
+    cache_file.write_bytes(b"OLD")
+    events = []
+    real_flock, real_atomic = _fcntl.flock, engine_module.atomic_write_bytes
+    monkeypatch.setattr(_fcntl, "flock", lambda fd, op: (events.append(("flock", op)), real_flock(fd, op))[1])
+    monkeypatch.setattr(engine_module, "atomic_write_bytes",
+                        lambda path, data: (events.append(("write", Path(path).name)), real_atomic(path, data))[1])
+    engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), resolve_target("jetson"), tmp_path / "w", cache_dir)
+    combined = fake.called("ITimingCache.combine")
+    assert len(combined) == 1 and combined[0][0]._state["data"] == b"OLD"  # the file as it was at save time
+    assert cache_file.read_bytes() == b"CACHE"
+    cache_events = [e for e in events if e[0] == "flock" or e[1] == cache_file.name]
+    assert cache_events[0] == ("flock", _fcntl.LOCK_EX) and ("write", cache_file.name) in cache_events
+    assert cache_events.index(("write", cache_file.name)) < cache_events.index(("flock", _fcntl.LOCK_UN))
+
+
+def test_double_second_build_in_a_process_reports_what_tensorrt_logged(tmp_path, fake_tensorrt):
+    fake = fake_tensorrt("10.3.0.30")
+    model = _tiny_onnx(tmp_path / "m.onnx")
+    engine_module.build_engine(model, resolve_target("jetson"), tmp_path / "a", None)  # TensorRT keeps this logger
+    fake.parse_ok = False
+    with pytest.raises(InputError) as parse_error:
+        engine_module.build_engine(model, resolve_target("jetson"), tmp_path / "b", None)
+    assert "While parsing node number 5 [NonMaxSuppression" in str(parse_error.value)
+    fake.parse_ok, fake.build_ok = True, False
+    with pytest.raises(PipelineError) as build_error:
+        engine_module.build_engine(model, resolve_target("jetson"), tmp_path / "c", None)
+    assert "Error Code 4" in str(build_error.value) and "logged no error" not in str(build_error.value)
+    # one logger object for the process: every Builder/Runtime got the same one
+    loggers = {id(args[0]) for name, args, _ in fake.calls if name in ("Builder", "Runtime")} | {id(fake.kept_logger)}
+    assert len(loggers) == 1
+
+
+def _trex_layers():
+    return _json.loads(MOBILENET_QAT_EXCERPT)["Layers"]
+
+
+def test_real_trex_dump_is_read_by_parameter_type():
+    layers = engine_module.parse_engine_information(MOBILENET_QAT_EXCERPT)
+    assert [(info.type, info.precision) for info in layers] == [
+        ("Reformat", "fp32"), ("Convolution", "int8"), ("Reformat", "fp16"), ("Convolution", "int8"),
+        ("Reformat", "fp16"), ("Pooling", "fp16"), ("Reformat", "fp16"), ("Convolution", "int8"), ("NoOp", "fp32")]
+    assert not [info.name for info in layers if engine_module._is_float_compute(info)]
+
+
+def test_reformat_named_after_a_conv_is_not_a_float_convolution():
+    # The TREx Reformat entry (QuantizeLinear_2, FP32 in) under the name TensorRT gives a reformat in front of a
+    # conv ("Reformatting CopyNode for Input Tensor 0 to Conv_0", as in TensorRT's layer-information logs).
+    reformat = _copy.deepcopy(_trex_layers()[0])
+    reformat["Name"] = "Reformatting CopyNode for Input Tensor 0 to Conv_0"
+    # The TREx conv entry with its input in half: a convolution the engine really runs in float.
+    conv = _copy.deepcopy(_trex_layers()[1])
+    conv["Inputs"][0]["Format/Datatype"] = "Thirty-two wide channel vectorized row major FP16 format"
+    conv["Weights"]["Type"] = "Half"
+    layers = engine_module.parse_engine_information(_json.dumps({"Layers": [reformat, conv]}))
+    assert [engine_module._is_float_compute(info) for info in layers] == [False, True]
+
+
+def test_inspector_11x_keys_are_read():
+    # TensorRT 11 ("Migrating IEngineInspector Usage from TensorRT 10.x to 11.x"): "Bindings" became "I/O Tensors"
+    # and "Format/DataType" was split into a data type and a format; key spellings differ ("DataType", "Datatype").
+    layers = _trex_layers()[:2]
+    for layer in layers:
+        for tensor in layer["Inputs"] + layer["Outputs"]:
+            text = tensor.pop("Format/Datatype")
+            tensor["Datatype"] = "Int8" if "Int8" in text else "Float"
+            tensor["Format"] = text
+    dump = _json.dumps({"Layers": layers, "I/O Tensors": [{"Name": "input1", "IOMode": "Input", "DataType": "Float"}]})
+    assert [(info.type, info.precision) for info in engine_module.parse_engine_information(dump)] == [
+        ("Reformat", "fp32"), ("Convolution", "int8")]
+
+
+def test_unreadable_precisions_are_reported_not_an_empty_report(tmp_path, fake_tensorrt):
+    layers = _trex_layers()[:2]
+    for layer in layers:
+        for tensor in layer["Inputs"] + layer["Outputs"]:
+            tensor["Format/Datatype"] = "N/A due to dynamic shapes"  # what a dynamic-shape engine reports
+        layer.pop("Weights", None)
+    fake_tensorrt("10.3.0.30", inspector_json=_json.dumps({"Layers": layers}))
+    result = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), resolve_target("jetson"), tmp_path / "w", None)
+    assert result.float_compute_layers == ()
+    assert any("precision" in w and "2" in w for w in result.metadata["warnings"]), result.metadata.get("warnings")
+
+
+def test_dynamic_shape_dump_falls_back_to_the_weights_type():
+    conv = _copy.deepcopy(_trex_layers()[1])
+    for tensor in conv["Inputs"] + conv["Outputs"]:
+        tensor["Format/Datatype"] = "N/A due to dynamic shapes"
+    (info,) = engine_module.parse_engine_information(_json.dumps({"Layers": [conv]}))
+    assert info.precision == "int8"
+
+
+def test_runner_loads_a_version_compatible_plan_with_host_code_allowed(tmp_path, fake_tensorrt, monkeypatch):
+    import shutil
+
+    import torch
+
+    from pipeline.trt import runner as runner_module
+
+    fake = fake_tensorrt("10.3.0.30")
+    monkeypatch.setattr(runner_module, "trt_runner_status", lambda: (True, ""))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: None)  # no GPU here; the fake engine has no I/O
+    result = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), _jetson(version_compatible=True), tmp_path / "w", None)
+    with pytest.raises(PipelineError, match="no outputs"):  # i.e. it got past deserializing the plan
+        runner_module.TrtRunner(result.plan_path)
+    assert fake.called("Runtime.engine_host_code_allowed =") == [(True,), (True,)]  # the build's check, then the runner
+    bare = tmp_path / "bare" / "model.plan"  # the same plan without its sidecar (as trtexec leaves it)
+    bare.parent.mkdir()
+    shutil.copy(result.plan_path, bare)
+    with pytest.raises(PipelineError) as error:
+        runner_module.TrtRunner(bare)
+    assert "engine_host_code_allowed" in str(error.value)  # what TensorRT logged, not a guess
+    # one logger in the process: the runner's Runtime got the build's (TensorRT keeps the first anyway)
+    given = [args[0] for name, args, _ in fake.calls if name in ("Builder", "Runtime")]
+    assert len(given) == 4 and all(logger is fake.kept_logger for logger in given)

@@ -21,6 +21,7 @@ import onnx
 
 from pipeline.quantization.embedding import EmbeddingForm, quantize_embedding
 from pipeline.quantization.placement import Region
+from pipeline.quantization.topology import sort_nodes_topologically
 
 
 @dataclass(frozen=True)
@@ -111,5 +112,8 @@ def write_qdq(prepared: Path, regions: Sequence[Region], quantized: Collection[s
         if region.kind == "embedding":
             quantize_embedding(model, region.name, form.embedding_form)
     model.producer_name, model.producer_version = "edgepipe", ""
+    # QDQQuantizer appends its Q/DQ nodes to the end of graph.node; its own save (quantize_static's) would sort
+    # them, ours must: the ONNX spec, onnx.checker (full_check) and TensorRT-side tools read nodes in file order
+    sort_nodes_topologically(model.graph)
     onnx.save(model, str(output))
     return output

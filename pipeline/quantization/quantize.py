@@ -35,7 +35,7 @@ from pipeline.targets import Quantize
 __all__ = ["quantize", "quantize_settings", "Evaluation", "Evaluator", "make_evaluator", "CALIBRATION_BATCH"]
 
 # Bump when the algorithm changes what it writes: part of the cache key.
-ALGORITHM = "edgepipe-int8/4"
+ALGORITHM = "edgepipe-int8/5"  # 5: nodes written topologically sorted
 OUTPUT_NAME = "model.int8.onnx"
 
 

@@ -21,14 +21,18 @@ know about it goes to a sidecar JSON next to it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import json
+import os
 import re
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import onnx
 
@@ -40,8 +44,16 @@ PLAN_NAME = "model.plan"
 SIDECAR_SUFFIX = ".json"  # model.plan -> model.plan.json
 
 # Layers whose precision says whether the INT8 request was honoured; the rest
-# (shuffles, reformats, casts) legitimately stay in float.
-_COMPUTE_LAYER_HINTS = ("conv", "gemm", "matrixmultiply", "matmul", "fullyconnected", "deconv")
+# (shuffles, reformats, casts, pooling) legitimately stay in float. Decided from
+# the inspector's "ParameterType" (the network layer type, as TREx reads it:
+# "Convolution", "Reformat", "Shuffle", "Pooling", ...), never from layer names:
+# TensorRT names a reformat after the layer it feeds ("Reformatting CopyNode for
+# Input Tensor 0 to Conv_0").
+_COMPUTE_PARAMETER_TYPES = frozenset({"convolution", "deconvolution", "matrixmultiply", "fullyconnected", "gemm"})
+# Without a ParameterType (Myelin/ForeignNode layers, other versions) only these
+# kernel families ("LayerType") count as compute; "Reformat", "Shuffle", "NoOp" never.
+_COMPUTE_LAYER_TYPES = ("convolution", "gemm", "matrixmultiply", "fullyconnected")
+_NON_COMPUTE_LAYER_TYPES = ("reformat", "shuffle", "noop", "padding", "pooling", "slice", "cast", "copy")
 
 
 # ------------------------------------------------------------------ results
@@ -82,6 +94,9 @@ class EngineResult:
     timing_cache_path: Path | None
     notes: tuple[str, ...] = ()
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    # Things the report would otherwise hide: a rejected or missing timing cache,
+    # layer precisions the inspector did not tell. Also in the sidecar ("warnings").
+    warnings: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------ availability
@@ -228,31 +243,45 @@ def build_engine(onnx_path: Path, target: Target, workdir: Path, timing_cache_di
     local = local_tensorrt()
     import tensorrt as trt
 
+    trt_log = TensorRTLog.of(trt)
+    with trt_log.capture() as captured:
+        return _build(trt, trt_log.logger, captured, local, onnx_path, target, workdir, timing_cache_dir, plan_name)
+
+
+def _build(trt: Any, logger: Any, captured: "LogCapture", local: LocalTensorRT, onnx_path: Path, target: Target,
+           workdir: Path, timing_cache_dir: Path | None, plan_name: str) -> EngineResult:
     major = tensorrt_major(local.tensorrt_version)
     weak = uses_weak_typing(target, major)
-    logger = _collecting_logger(trt)
+    warnings: list[str] = []
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, target, major))
-    _parse_onnx(trt, network, logger, onnx_path)
+    _parse_onnx(trt, network, logger, onnx_path, captured)
     config = builder.create_builder_config()
     notes = _configure(trt, builder, network, config, target, major)
     if uses_weak_typing(target, major):
         _legacy_set_precision_flags(trt, config, target)
     gpu_fallback_layers = _dla_fallback_layers(config, network) if target.builder.use_dla else ()
     cache_path = _timing_cache_path(timing_cache_dir, target, local)
-    _load_timing_cache(config, cache_path)
+    warnings += _load_timing_cache(config, cache_path)
 
     started = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     build_seconds = time.perf_counter() - started
     if serialized is None:
         raise PipelineError(f"TensorRT could not build an engine for '{target.name}' from {onnx_path}:\n"
-                            + "\n".join(logger.errors[-20:] or ["(TensorRT logged no error)"]))
+                            + "\n".join(captured.errors[-20:] or ["(TensorRT logged no error)"]))
     plan = bytes(serialized)
-    _save_timing_cache(config, cache_path)
+    warnings += _save_timing_cache(config, cache_path)
 
-    layers = _inspect_plan(trt, logger, plan)
+    layers = _inspect_plan(trt, logger, captured, plan, version_compatible=target.builder.version_compatible)
     float_layers = tuple(info.name for info in layers if _is_float_compute(info)) if target.precision == "int8" else ()
+    unreadable = [info.name for info in layers if info.precision == "unknown"]
+    if layers and len(unreadable) == len(layers):
+        warnings.append(f"the engine inspector gave no readable precision for any of the {len(layers)} layer(s) "
+                        f"(TensorRT {trt.__version__}; e.g. '{layers[0].name}'): the layer precisions and the list of "
+                        "conv/matmul layers running in float are unknown, not clean")
+    elif unreadable:
+        warnings.append(f"no readable precision for {len(unreadable)} of {len(layers)} layer(s), e.g. '{unreadable[0]}'")
     workdir = Path(workdir)
     plan_path = workdir / plan_name
     atomic_write_bytes(plan_path, plan)
@@ -269,7 +298,8 @@ def build_engine(onnx_path: Path, target: Target, workdir: Path, timing_cache_di
         gpu_fallback_layers=gpu_fallback_layers,
         float_compute_layers=float_layers,
         timing_cache_path=cache_path,
-        notes=tuple(notes) + tuple(logger.dla_fallback_messages),
+        notes=tuple(notes) + tuple(captured.dla_fallback_messages) + tuple(f"warning: {w}" for w in warnings),
+        warnings=tuple(warnings),
     )
     metadata = engine_metadata(result, target, onnx_path)
     atomic_write_json(result.metadata_path, metadata)
@@ -301,27 +331,84 @@ def engine_metadata(result: EngineResult, target: Target, onnx_path: Path) -> di
         "float_compute_layers": list(result.float_compute_layers),
         "timing_cache": str(result.timing_cache_path) if result.timing_cache_path else None,
         "notes": list(result.notes),
+        "warnings": list(result.warnings),
     }
 
 
+@dataclass
+class LogCapture:
+    """What TensorRT logged while one build (or plan load) ran."""
+
+    errors: list[str] = field(default_factory=list)
+    dla_fallback_messages: list[str] = field(default_factory=list)
+
+
+class TensorRTLog:
+    """The one TensorRT logger of this process, and per-build buffers of what it logged.
+
+    TensorRT keeps the first logger given to a Builder or Runtime in a process and
+    logs everything there (TensorRT#1475; Polygraphy likewise makes one global
+    logger, `get_trt_logger()` in polygraphy/backend/trt/util.py). So the logger
+    is created once and every build reads its messages from a LogCapture it
+    starts and ends (`with TensorRTLog.of(trt).capture() as captured:`).
+    Builds running at once in threads each see all messages of that time.
+    """
+
+    _instance: "TensorRTLog | None" = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self, trt: Any) -> None:
+        self._trt = trt
+        self._captures: list[LogCapture] = []
+        self._lock = threading.Lock()
+        owner = self
+
+        class _Logger(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+
+            def log(self, severity: Any, msg: str) -> None:  # called by TensorRT: must not raise
+                owner._log(severity, msg)
+
+        self.logger = _Logger()
+
+    @classmethod
+    def of(cls, trt: Any) -> "TensorRTLog":
+        """The process's logger (made on first use). A different `tensorrt` module (only
+        tests swap it) gets its own, as a fresh process would."""
+        with cls._instance_lock:
+            if cls._instance is None or cls._instance._trt is not trt:
+                cls._instance = cls(trt)
+            return cls._instance
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[LogCapture]:
+        captured = LogCapture()
+        with self._lock:
+            self._captures.append(captured)
+        try:
+            yield captured
+        finally:
+            with self._lock:
+                self._captures.remove(captured)
+
+    def _log(self, severity: Any, msg: str) -> None:
+        levels = self._trt.ILogger.Severity
+        is_error = severity in (levels.ERROR, levels.INTERNAL_ERROR)
+        is_fallback = "DLA" in msg and ("falling back to GPU" in msg or "Switching this layer's device type to GPU" in msg)
+        with self._lock:
+            for captured in self._captures:
+                if is_error:
+                    captured.errors.append(msg)
+                if is_fallback:
+                    captured.dla_fallback_messages.append(msg)
+        if is_error or severity == levels.WARNING:
+            print(f"[TensorRT] {msg}", flush=True)
+
+
 def _collecting_logger(trt: Any) -> Any:
-    """A TensorRT logger that prints warnings and keeps errors and DLA fallback lines for the report."""
-
-    class CollectingLogger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self.dla_fallback_messages: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
-                self.errors.append(msg)
-            if "DLA" in msg and ("falling back to GPU" in msg or "Switching this layer's device type to GPU" in msg):
-                self.dla_fallback_messages.append(msg)
-            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.WARNING):
-                print(f"[TensorRT] {msg}", flush=True)
-
-    return CollectingLogger()
+    """The process-wide TensorRT logger (see TensorRTLog)."""
+    return TensorRTLog.of(trt).logger
 
 
 def _network_flags(trt: Any, target: Target, major: int) -> int:
@@ -347,7 +434,7 @@ def _legacy_set_precision_flags(trt: Any, config: Any, target: Target) -> None:
         config.set_flag(trt.BuilderFlag.FP16)
 
 
-def _parse_onnx(trt: Any, network: Any, logger: Any, onnx_path: Path) -> None:
+def _parse_onnx(trt: Any, network: Any, logger: Any, onnx_path: Path, captured: LogCapture | None = None) -> None:
     parser = trt.OnnxParser(network, logger)
     # path= lets the parser find external weight files next to the model.
     if parser.parse(onnx_path.read_bytes(), path=str(onnx_path)):
@@ -357,6 +444,9 @@ def _parse_onnx(trt: Any, network: Any, logger: Any, onnx_path: Path) -> None:
     for index in range(parser.num_errors):
         parser_error = parser.get_error(index)
         lines.append(_describe_parser_error(parser_error, node_names))
+    # The parser also logs (e.g. "While parsing node number 5 [Op -> "y"]: ..."), often with more detail.
+    lines += [f"TensorRT log: {message}" for message in (captured.errors[-10:] if captured else [])
+              if not any(message in line for line in lines)]
     raise InputError(
         f"{onnx_path}: TensorRT {trt.__version__}'s ONNX parser rejected the model:\n  "
         + "\n  ".join(lines or ["(no parser error recorded)"])
@@ -398,20 +488,41 @@ def _configure(trt: Any, builder: Any, network: Any, config: Any, target: Target
     if settings.use_dla:
         _configure_dla(trt, builder, config, target)
     if settings.hardware_compatibility != "none":
-        config.hardware_compatibility_level = _hardware_level(trt, settings.hardware_compatibility)
+        level = _hardware_level(trt, settings.hardware_compatibility)
+        if not hasattr(config, "hardware_compatibility_level"):
+            raise _missing_in_local_tensorrt(trt, "hardware_compatibility", settings.hardware_compatibility,
+                                             "IBuilderConfig.hardware_compatibility_level", "8.6")
+        config.hardware_compatibility_level = level
     if settings.version_compatible:
-        # The plan embeds the lean runtime; the runner then sets
-        # runtime.engine_host_code_allowed (see pipeline.trt.runner).
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        # The plan embeds the lean runtime; loading it needs runtime.engine_host_code_allowed
+        # (_inspect_plan here, pipeline.trt.runner on the device).
+        flag = getattr(trt.BuilderFlag, "VERSION_COMPATIBLE", None)
+        if flag is None:
+            raise _missing_in_local_tensorrt(trt, "version_compatible", "true", "BuilderFlag.VERSION_COMPATIBLE", "8.6")
+        config.set_flag(flag)
     return notes
 
 
+# builder.hardware_compatibility value -> (HardwareCompatibilityLevel member, first TensorRT with it).
+# SAME_COMPUTE_CAPABILITY first appears in 10.9 (NvInfer.h / pyCore.cpp of v10.3.0-v10.8.0 lack it),
+# so JetPack 6 (10.3) has only NONE and AMPERE_PLUS; the enum itself arrived in 8.6.
+_HARDWARE_LEVELS = {"ampere_plus": ("AMPERE_PLUS", "8.6"), "same_compute_capability": ("SAME_COMPUTE_CAPABILITY", "10.9")}
+
+
 def _hardware_level(trt: Any, name: str) -> Any:
-    levels = {
-        "ampere_plus": trt.HardwareCompatibilityLevel.AMPERE_PLUS,
-        "same_compute_capability": trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY,
-    }
-    return levels[name]
+    """The HardwareCompatibilityLevel for a target value, looked up only when asked for."""
+    member, since = _HARDWARE_LEVELS[name]
+    levels = getattr(trt, "HardwareCompatibilityLevel", None)
+    level = getattr(levels, member, None) if levels is not None else None
+    if level is None:
+        raise _missing_in_local_tensorrt(trt, "hardware_compatibility", name, f"HardwareCompatibilityLevel.{member}", since)
+    return level
+
+
+def _missing_in_local_tensorrt(trt: Any, key: str, value: str, api_name: str, since: str) -> InputError:
+    return InputError(f"target asks for builder.{key} = '{value}' but the TensorRT here ({trt.__version__}) has no "
+                      f"{api_name} (first in TensorRT {since}); drop builder.{key} from the target or build with "
+                      f"TensorRT {since} or later")
 
 
 def profile_shapes(input_name: str, shape: Iterable[int], target: Target) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -484,53 +595,124 @@ def _timing_cache_path(directory: Path | None, target: Target, local: LocalTenso
     return Path(directory) / timing_cache_name(target.name, local.tensorrt_version, local.device_name, local.compute_capability)
 
 
-def _load_timing_cache(config: Any, path: Path | None) -> None:
+def _load_timing_cache(config: Any, path: Path | None) -> list[str]:
+    """Give the build the cache file's timings; warnings (a rejected file) for the report."""
     if path is None:
-        return
+        return []
     data = path.read_bytes() if path.is_file() else b""
     timing_cache = config.create_timing_cache(data)
-    # ignore_mismatch=False: a cache from another device is rejected, not trusted.
-    config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    # ignore_mismatch=False: a cache from another device is rejected (returns False), not trusted.
+    if config.set_timing_cache(timing_cache, ignore_mismatch=False):
+        return []
+    warning = (f"TensorRT rejected the timing cache {path} (made on another device or TensorRT version?); "
+               "built without its timings")
+    # Go on with an empty cache so this build's timings are still kept; failing that, with none.
+    if data:
+        timing_cache = config.create_timing_cache(b"")
+        if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
+            warning += " and without a timing cache"
+    return [warning]
 
 
-def _save_timing_cache(config: Any, path: Path | None) -> None:
+def _save_timing_cache(config: Any, path: Path | None) -> list[str]:
+    """Merge the build's timings into the file, as Polygraphy does: under an exclusive lock,
+    load what is there now, combine, write atomically. Warnings for the report."""
     if path is None:
-        return
+        return []
     timing_cache = config.get_timing_cache()
-    atomic_write_bytes(path, bytes(timing_cache.serialize()))
+    if timing_cache is None:
+        return [f"TensorRT has no timing cache after the build (rejected?); {path} was not written"]
+    warnings: list[str] = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(path.with_name(path.name + ".lock")):
+        current = path.read_bytes() if path.is_file() else b""
+        if current:
+            previous = config.create_timing_cache(current)
+            # Another build may have written the file since ours was loaded: keep its timings too.
+            if previous is None or not timing_cache.combine(previous, ignore_mismatch=False):
+                warnings.append(f"the timing cache {path} did not match this device/TensorRT; replaced by this build's")
+        atomic_write_bytes(path, bytes(timing_cache.serialize()))
+    return warnings
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
 
 
 # ------------------------------------------------------------- inspection
 
 
-def _inspect_plan(trt: Any, logger: Any, plan: bytes) -> tuple[LayerInfo, ...]:
+def _inspect_plan(trt: Any, logger: Any, captured: LogCapture, plan: bytes, *, version_compatible: bool = False) -> tuple[LayerInfo, ...]:
     runtime = trt.Runtime(logger)
+    if version_compatible:
+        # A version-compatible plan embeds the lean runtime (host code); the runtime refuses
+        # it unless allowed (Polygraphy's EngineFromBytes does the same).
+        runtime.engine_host_code_allowed = True
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
-        raise PipelineError("TensorRT built a plan it cannot load back: " + "; ".join(logger.errors[-5:]))
+        raise PipelineError("TensorRT built a plan it cannot load back: "
+                            + ("; ".join(captured.errors[-5:]) or "(TensorRT logged no error)"))
     inspector = engine.create_engine_inspector()
     return parse_engine_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 
 
+def _key(entry: Mapping[str, Any], *names: str) -> Any:
+    """entry[name] for the first of names present, keys compared case-insensitively."""
+    folded = {str(key).lower(): value for key, value in entry.items()}
+    for name in names:
+        if name.lower() in folded:
+            return folded[name.lower()]
+    return None
+
+
 def parse_engine_information(text: str) -> tuple[LayerInfo, ...]:
-    """Layers from the engine inspector's JSON (10.x "Format/Datatype", 11.x "DataType")."""
+    """Layers from the engine inspector's JSON.
+
+    LayerInfo.type is the "ParameterType" (the network layer type: "Convolution",
+    "Reformat", "Pooling", ...; what TREx reads), else the "LayerType" (kernel
+    family: "CaskConvolution", "Reformat", "NoOp", "Myelin"). Precision from the
+    first input's data type: 10.x "Format/Datatype" ("Thirty-two wide channel
+    vectorized row major Int8 format"), 11.x a separate data type key
+    ("DataType"/"Datatype", next to "Format"); with dynamic shapes 10.x says "N/A
+    due to dynamic shapes", so a layer with weights then falls back to the
+    weights' type ("Weights": {"Type": "Int8"}).
+    """
     data = json.loads(text)
     layers = []
-    for entry in data.get("Layers", []):
+    for entry in _key(data, "Layers") or []:
         if isinstance(entry, str):  # built without DETAILED verbosity: names only
             layers.append(LayerInfo(name=entry, type="", precision="unknown", device="GPU"))
             continue
-        tensors = list(entry.get("Inputs") or []) or list(entry.get("Outputs") or [])
-        precision = precision_of(tensors[0]) if tensors else "unknown"
-        layer_type = str(entry.get("LayerType", entry.get("ParameterType", "")))
-        name = str(entry.get("Name", ""))
+        tensors = list(_key(entry, "Inputs") or []) or list(_key(entry, "Outputs") or [])
+        precision = precision_of(tensors[0]) if tensors and isinstance(tensors[0], Mapping) else "unknown"
+        weights = _key(entry, "Weights")
+        if precision == "unknown" and isinstance(weights, Mapping):
+            precision = _normalize_type(str(_key(weights, "Type") or ""))
+        layer_type = str(_key(entry, "ParameterType") or _key(entry, "LayerType") or "")
+        name = str(_key(entry, "Name") or "")
         layers.append(LayerInfo(name=name, type=layer_type, precision=precision, device=_device_of(entry)))
     return tuple(layers)
 
 
 def precision_of(io_entry: Mapping[str, Any]) -> str:
-    """The data type of one inspector input/output entry, normalized."""
-    text = str(io_entry.get("DataType") or io_entry.get("Format/Datatype") or "").lower()
+    """The data type of one inspector input/output entry, normalized ("unknown" when not told)."""
+    value = _key(io_entry, "DataType", "Datatype", "Data Type", "Format/Datatype", "Format/DataType")
+    if value is None:  # no data type key: the format string may still name it ("... FP32 format")
+        value = _key(io_entry, "Format")
+    return _normalize_type(str(value or ""))
+
+
+def _normalize_type(text: str) -> str:
+    text = text.lower()
     # Order matters: "int8" before "int", "half"/"fp16" before "float".
     for needle, name in (("int8", "int8"), ("fp8", "fp8"), ("bf16", "bf16"), ("bfloat", "bf16"),
                          ("half", "fp16"), ("fp16", "fp16"), ("float16", "fp16"), ("int32", "int32"),
@@ -543,13 +725,22 @@ def precision_of(io_entry: Mapping[str, Any]) -> str:
 def _device_of(entry: Mapping[str, Any]) -> str:
     # The inspector has no device field; DLA subgraphs show up by name/type.
     # The authoritative list of what fell back is _dla_fallback_layers().
-    text = " ".join(str(entry.get(key, "")) for key in ("Name", "LayerType", "TacticName")).lower()
+    text = " ".join(str(_key(entry, key) or "") for key in ("Name", "LayerType", "TacticName")).lower()
     return "DLA" if "dla" in text else "GPU"
 
 
+def _is_compute_type(layer_type: str) -> bool:
+    """A convolution/matmul by its ParameterType (or, lacking one, its LayerType); never by name."""
+    folded = layer_type.lower().replace("_", "").replace(" ", "")
+    if folded in _COMPUTE_PARAMETER_TYPES:
+        return True
+    if any(word in folded for word in _NON_COMPUTE_LAYER_TYPES):
+        return False
+    return any(word in folded for word in _COMPUTE_LAYER_TYPES)
+
+
 def _is_float_compute(info: LayerInfo) -> bool:
-    text = f"{info.type} {info.name}".lower()
-    return info.precision in ("fp32", "fp16", "bf16") and any(hint in text for hint in _COMPUTE_LAYER_HINTS)
+    return info.precision in ("fp32", "fp16", "bf16") and _is_compute_type(info.type)
 
 
 def read_engine_metadata(plan_path: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from pipeline.errors import EngineRequired, PipelineError
-from pipeline.trt.engine import read_engine_metadata
+from pipeline.trt.engine import TensorRTLog, read_engine_metadata
 
 Inputs = Mapping[str, np.ndarray]
 
@@ -81,15 +81,25 @@ class TrtRunner:
         self.plan_path = Path(plan_path)
         self._torch = torch
         self._device = torch.device("cuda", 0)
-        logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(logger)
-        if read_engine_metadata(self.plan_path).get("version_compatible"):
-            # A version-compatible plan embeds the lean runtime, which is host code.
+        # The process's one TensorRT logger: TensorRT keeps the first logger it is given
+        # (TensorRT#1475), so a private one here would starve later builds' error reports.
+        trt_log = TensorRTLog.of(trt)
+        runtime = trt.Runtime(trt_log.logger)
+        version_compatible = bool(read_engine_metadata(self.plan_path).get("version_compatible"))
+        if version_compatible:
+            # A version-compatible plan embeds the lean runtime, which is host code: the runtime
+            # refuses it unless allowed (as Polygraphy's EngineFromBytes does for such plans).
             runtime.engine_host_code_allowed = True
-        engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        with trt_log.capture() as captured:
+            engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
         if engine is None:
+            logged = "; ".join(captured.errors[-5:]) or "TensorRT logged no error"
+            hint = "" if version_compatible else (
+                " If it was built version-compatible (trtexec --versionCompatible), its sidecar "
+                f"{self.plan_path.name}.json must say \"version_compatible\": true so host code is allowed.")
             raise PipelineError(f"{self.plan_path}: TensorRT {trt.__version__} cannot load this plan (built by another "
-                                "TensorRT version or for another GPU?); rebuild it with `python -m pipeline engine`")
+                                "TensorRT version or for another GPU?); rebuild it with `python -m pipeline engine`. "
+                                f"TensorRT: {logged}.{hint}")
         self._runtime = runtime  # the engine must not outlive its runtime
         self._engine = engine
         self._context = engine.create_execution_context()
