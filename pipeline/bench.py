@@ -40,7 +40,6 @@ def _stage_file(out: Path, manifest: dict[str, Any], name: str, kind: str) -> Pa
 
 
 def bench(out: Path, timing: Timing) -> BenchResult:
-
     manifest = read_manifest(out)
     source = _stage_file(out, manifest, "source", "torch")
     fp32 = _stage_file(out, manifest, "export", "onnx")

@@ -336,7 +336,6 @@ def bundle_stage(c: Conductor, int8: Artifact, lint_json: dict) -> Path:
 
 
 def engine_stage(c: Conductor, int8: Artifact, lint_json: dict, status: str) -> dict[str, Any]:
-
     target = c.config.target
     local = local_tensorrt()
     settings = {**engine_settings(target), "tensorrt": local.tensorrt_version, "gpu": local.device_name, "cc": local.compute_capability}

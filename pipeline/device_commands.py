@@ -159,7 +159,6 @@ def verify_command(args: argparse.Namespace) -> int:
 
 @_reporting_errors
 def inspect_command(args: argparse.Namespace) -> int:
-
     report = lint_onnx(Path(args.model), resolve_target(args.target))
     print(json.dumps(report.to_json(), indent=2) if args.json else report.format_text())
     return LINT_FAILED_EXIT if report.errors else 0

@@ -41,12 +41,10 @@ class Footprint:
 
 
 def onnx_latency(path: Path, spec: InputSpec, repeats: int = 20) -> dict[str, float]:
-
     return {k: round(v, 3) for k, v in onnx_cpu_latency_ms(path, spec, LATENCY_BATCHES, LATENCY_THREADS, repeats).items()}
 
 
 def torch_footprint(directory: Path, spec: InputSpec, simplifier: str, latency: bool = True) -> Footprint:
-
     model = load_torch_artifact(directory)
     counts = {"params": params_by_branch(model), "macs": macs_by_branch(model, example_inputs(spec))}
     if not latency:

@@ -215,14 +215,12 @@ class _Graph:
 
 
 def _initializer_value(init: Any) -> np.ndarray | None:
-
     if init.data_location == TensorProto.EXTERNAL:
         return None
     return numpy_helper.to_array(init)
 
 
 def _constant_node_value(node: Any) -> np.ndarray | None:
-
     for attribute in node.attribute:
         if attribute.name == "value" and attribute.HasField("t"):
             return numpy_helper.to_array(attribute.t)
@@ -275,7 +273,6 @@ def _check_opset(model: Any, table: OperatorTable, tensorrt: str) -> Iterator[Fi
 
 
 def _check_initializer_types(model: Any, major: int) -> Iterator[Finding]:
-
     for init in model.graph.initializer:
         if init.data_type == TensorProto.INT64:
             if major < 9:

@@ -45,7 +45,6 @@ class Latency:
 
 
 def _feeds(session, spec: InputSpec) -> dict[int, dict[str, np.ndarray]]:
-
     names = [i.name for i in session.get_inputs()]
     return {batch: {n: t.numpy() for n, t in zip(names, example_inputs(spec, batch))} for batch in BATCHES}
 

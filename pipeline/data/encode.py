@@ -77,7 +77,6 @@ class Encoded:
 
 
 def encode_images(samples: Sequence[Sample], spec: InputSpec) -> np.ndarray:
-
     out = np.empty((len(samples), 3, spec.image_size, spec.image_size), dtype=np.float32)
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]

@@ -39,7 +39,6 @@ def _remove_initializer(graph: Any, name: str) -> None:
 
 
 def _replace_initializer(graph: Any, name: str, array: np.ndarray) -> None:
-
     _remove_initializer(graph, name)
     graph.initializer.append(numpy_helper.from_array(array, name))
 

@@ -96,7 +96,6 @@ class GraphIndex:
         return bool(name) and name not in self.constants and self.elem_type.get(name) == _FLOAT
 
     def constant_value(self, name: str) -> float | None:
-
         if name in self.initializers:
             return float(numpy_helper.to_array(self.initializers[name]).reshape(-1)[0])
         node = self.producer.get(name)

@@ -87,7 +87,6 @@ def _extra_options(form: Form, op_types: Sequence[str]) -> dict[str, Any]:
 
 
 def _quantize_ops(model: Any, regions: Sequence[Region], ranges: Any, form: Form) -> Any:
-
     nodes = {node.name: node.op_type for node in model.graph.node}
     names = [name for region in regions for name in region.nodes]
     op_types = sorted({nodes[name] for name in names})

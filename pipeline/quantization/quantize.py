@@ -99,7 +99,6 @@ def _float_region_rows(result: FallbackResult) -> list[dict[str, Any]]:
 
 def quantize(fp32: Artifact, calibration: Encoded, settings: Quantize, workdir: Path,
              evaluator: Evaluator | None = None) -> Artifact:
-
     form = FORMS[settings.form]
     scratch = workdir / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
