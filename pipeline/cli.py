@@ -18,9 +18,7 @@ DEFAULT_TARGET = "jetson"
 
 def _build_parser() -> argparse.ArgumentParser:
     from pipeline import device_commands
-    from pipeline.models import DEFAULT_MODEL
-    from pipeline.models.fusion import FUSIONS
-    from pipeline.training import TrainSettings
+    from pipeline.settings import DEFAULT_MODEL, FUSIONS, TrainSettings  # no torch: `verify --runtime ort` runs without it
 
     defaults = TrainSettings()
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Fused image+text model -> gated INT8 ONNX -> TensorRT engine or device bundle.")

