@@ -3,7 +3,7 @@
 By default glibc serves large blocks with fresh mmap()s and hands freed heap
 back to the kernel, so every training step's activations are new pages that
 fault in one by one: a cold default build took 88 million minor page faults
-and spent a third of its CPU time in the kernel. Raising the mmap threshold to
+and spent 306 of its 1,071 CPU seconds in the kernel (`/usr/bin/time -v`, BENCHMARKS.md). Raising the mmap threshold to
 its ceiling (32 MiB on 64-bit), never trimming the heap and padding its growth
 keeps those pages mapped between steps. It changes where memory comes from,
 not what is computed: the prune stage's bytes were identical with and without

@@ -17,7 +17,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -132,18 +132,8 @@ def tool_versions(kernels: dict[str, Any]) -> dict[str, str]:
 
 
 def config_json(config: Any) -> Any:
-    """A pass's frozen config as the cache key and the manifest see it."""
-    return json_safe(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config)
-
-
-def json_safe(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    """A pass's frozen config as the cache key and the manifest see it (paths become strings when written)."""
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
 
 
 class Conductor:

@@ -41,18 +41,18 @@ def _has_split(model: nn.Module) -> bool:
 def _frozen_prefix_digest(encoder: nn.Module) -> str:
     """sha256 of everything an encoder's prefix() computes with: its state outside the trainable suffix."""
     trained = {id(t) for module in encoder.suffix_modules() for t in module.state_dict(keep_vars=True).values()}
-    digest = hashlib.sha256(f"{type(encoder).__name__}|{getattr(encoder, 'split_at', None)}".encode())
-    for name, tensor in encoder.state_dict(keep_vars=True).items():
-        if id(tensor) not in trained:
-            digest.update(name.encode())
-            digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
+    state = {name: t for name, t in encoder.state_dict(keep_vars=True).items() if id(t) not in trained}
+    return _tensors_digest(f"{type(encoder).__name__}|{getattr(encoder, 'split_at', None)}", state)
 
 
 def _state_digest(model: nn.Module) -> str:
     """sha256 of a model's whole state (names and bytes) and its class."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    for name, tensor in model.state_dict().items():
+    return _tensors_digest(type(model).__name__, model.state_dict())
+
+
+def _tensors_digest(label: str, tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(label.encode())
+    for name, tensor in tensors.items():
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()
