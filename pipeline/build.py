@@ -31,7 +31,7 @@ from pipeline.data.base import Dataset
 from pipeline.data.calibration import CalibrationSet, load_calibration_set
 from pipeline.data.encode import Encoded
 from pipeline.data.splits import Splits
-from pipeline.errors import EngineRequired, GateFailed, Interrupted
+from pipeline.errors import EngineRequired, GateFailed, InputError, Interrupted
 from pipeline.fingerprint import code_fingerprint
 from pipeline.footprint import Footprint, onnx_footprint, torch_footprint
 from pipeline.kernels import kernel_facts, kernel_signature
@@ -353,7 +353,9 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
 
     The manifest is written however the build ends, and its status says how:
     "ok", "failed" (a gate), "interrupted" (Ctrl-C or SIGTERM) or "error"
-    (any other exception, named); the exception then propagates.
+    (any other exception, named); the exception then propagates. Bad input
+    (InputError) found before any stage made its artifact is the exception:
+    nothing is written, so the out directory keeps the last build's manifest.
     """
     store = Store(config.out)
     started = time.perf_counter()
@@ -378,6 +380,8 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
                 conductor.run(PASSES[name].declare(context, conductor.artifacts))
             engine = deploy(conductor, conductor.artifacts["quantize"])
         except BaseException as error:
+            if isinstance(error, InputError) and not conductor.results:
+                raise  # bad input before anything was built: the last build's manifest and report stay as they were
             error.manifest = finish(Ending.of(error))  # the CLI prints how the build ended
             raise
         return finish(Ending("ok"))

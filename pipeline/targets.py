@@ -1,4 +1,4 @@
-"""Deploy targets: one TOML file per target in targets/, validated on load.
+"""Deploy targets: one TOML file per target in pipeline/resources/targets/ (or a user's own file by path), validated on load.
 
 A target says what the device is, which TensorRT/CUDA it ships, how to
 quantize and build for it, how much to compress, and which parity gates the
@@ -19,13 +19,14 @@ from typing import Any, Literal, Mapping
 
 from pipeline.errors import InputError
 from pipeline.parity import Gate
+from pipeline.resources import shipped_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+TARGETS_DIR = shipped_dir("targets")
 
 
 @dataclass(frozen=True)

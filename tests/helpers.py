@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.data import load_dataset
+from pipeline.targets import TARGETS_DIR
 
 
 def write_emoji_folder(directory: Path, per_class: int = 12) -> Path:
@@ -52,7 +53,7 @@ def write_target(path: Path, base: str = "jetson-orin-nano", **sections: dict) -
     """A copy of a shipped target with some nested tables updated, e.g. gates={"quantize": {...}}."""
     import tomllib
 
-    table = tomllib.loads((Path(__file__).resolve().parent.parent / "targets" / f"{base}.toml").read_text())
+    table = tomllib.loads((TARGETS_DIR / f"{base}.toml").read_text())
     for name, values in sections.items():
         merged = table.setdefault(name, {})
         for key, value in values.items():

@@ -1,7 +1,7 @@
 """Calibration sets as data: a reviewed definition and its frozen sample id list.
 
-    calibration/<name>.toml       dataset, split, size, balance, seed
-    calibration/<name>.ids.json   {"definition": {...}, "ids": [...], "sha256": "..."}
+    pipeline/resources/calibration/<name>.toml       dataset, split, size, balance, seed
+    pipeline/resources/calibration/<name>.ids.json   {"definition": {...}, "ids": [...], "sha256": "..."}
 
 INT8 scales depend on exactly which samples were calibrated on, so for the data
 set a definition names, the id list is frozen in the repository and checked on
@@ -24,6 +24,7 @@ from typing import Any, Sequence
 from pipeline.data.base import SPLITS, Dataset, Sample
 from pipeline.data.emoji import seeded_order
 from pipeline.errors import InputError
+from pipeline.resources import shipped_dir
 from pipeline.store import atomic_write_json, canonical_json, sha256_bytes
 from pipeline.data import load_dataset
 
@@ -32,7 +33,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "calibration"
+CALIBRATION_DIR = shipped_dir("calibration")
 BALANCE_RULES = ("per-class",)
 DEFINITION_SUFFIX = ".toml"
 IDS_SUFFIX = ".ids.json"
