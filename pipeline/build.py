@@ -39,6 +39,7 @@ from pipeline.models.checkpoint import load_torch_artifact
 from pipeline.models.source import model_input_spec
 from pipeline.parity import Gate, ParityRow, check_gate, parity_row, unresolved_budget
 from pipeline.report import report_markdown
+from pipeline.report_html import report_html
 from pipeline.runners import OrtRunner, Runner, run_batches
 from pipeline.stages import export, factorize, prune, quantize, source
 from pipeline.stages.base import Context, Measure, Pass
@@ -79,6 +80,7 @@ class BuildConfig:
     require_engine: bool = False
     allow_mismatch: bool = False  # build the engine on a machine whose GPU or TensorRT is not the target's (for this machine)
     measure_latency: bool = False  # ONNX Runtime CPU latency of every stage (the ledger's b1/b16 columns; --latency)
+    wait: bool = True  # another build holds out's lock: wait for it (saying so), or with --no-wait fail at once (exit 2)
 
 
 @dataclass(frozen=True)
@@ -358,8 +360,8 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
     nothing is written, so the out directory keeps the last build's manifest.
     """
     store = Store(config.out)
-    started = time.perf_counter()
-    with store.lock():
+    with store.lock(wait=config.wait, on_wait=progress):
+        started = time.perf_counter()  # after any wait for another build: wall_s is this build's own
         machine = {**kernel_facts(), "allocator": allocator_facts()}  # the allocator changes speed, not bytes: not keyed
         versions = tool_versions(machine)
         dataset = load_dataset(config.data)
@@ -373,6 +375,7 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
             manifest = make_manifest(config, versions, machine, dataset, calibration, conductor, engine, ending, time.perf_counter() - started)
             atomic_write_json(store.root / "manifest.json", manifest)
             atomic_write_text(store.root / "report.md", report_markdown(manifest))
+            atomic_write_text(store.root / "report.html", report_html(manifest))
             return manifest
 
         try:

@@ -28,6 +28,8 @@ import os
 import shlex
 import shutil
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
@@ -68,6 +70,9 @@ def _device_written(relative: PurePosixPath) -> bool:
 
 
 _GOLDEN_KEYS = ("ids", "labels", "reference_logits", "int8_logits", "input_names")
+# The most `verify` reads into memory from golden.npz (a Jetson has a few GiB): the build writes at most 128
+# samples (pipeline.build.GOLDEN_SAMPLES), whose 3x192x192 float32 images take 54 MiB for the default model.
+GOLDEN_MAX_BYTES = 1 << 30
 
 
 # ----------------------------------------------------------------- golden
@@ -130,12 +135,20 @@ class Golden:
     @staticmethod
     def load(path: Path) -> "Golden":
         try:
+            with zipfile.ZipFile(path) as archive:  # the sizes its arrays declare, before any is read into memory
+                unpacked = sum(info.file_size for info in archive.infolist())
+        except (OSError, zipfile.BadZipFile) as error:
+            raise InputError(f"{path}: not a readable golden set ({error})")
+        if unpacked > GOLDEN_MAX_BYTES:
+            raise InputError(f"{path}: the golden set's arrays take {unpacked / 2**20:.0f} MiB unpacked, over the "
+                             f"{GOLDEN_MAX_BYTES / 2**20:.0f} MiB a bundle's golden set may hold (a build writes at most 128 samples: was the file replaced?)")
+        try:
             with np.load(path, allow_pickle=False) as data:
                 names = [str(n) for n in data["input_names"]]
                 return Golden(ids=data["ids"], inputs={name: data[name] for name in names}, labels=data["labels"],
                               reference_logits=data["reference_logits"], int8_logits=data["int8_logits"])
-        except (OSError, KeyError, ValueError) as error:
-            raise InputError(f"{path}: not a readable golden set ({error})")
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            raise InputError(f"{path}: not a readable golden set ({type(error).__name__}: {error})")
 
 
 # ----------------------------------------------------------------- writing
@@ -354,7 +367,9 @@ def write_bundle(out_dir: Path, qdq_onnx: Path, target: Target, golden: Golden, 
         _write_json(work / TARGET_FILE, target.to_json())
         (work / GOLDEN_FILE).write_bytes(golden.to_npz_bytes())
         _write_json(work / THRESHOLDS_FILE, thresholds_json(thresholds, ort_session_config))
-        _write_json(work / LINT_FILE, dict(lint_report))
+        # the lint read the build's own copy (a path under its out directory); the bundle's copy is MODEL_FILE, and its bytes
+        # must not depend on where the build ran
+        _write_json(work / LINT_FILE, {**lint_report, "model": MODEL_FILE})
         feeds, _ = polygraphy_golden.write_golden_files(work, qdq_onnx, golden.inputs, io_spec, target, ort_session_config)
         model = triton.write_triton_repository(work, io_spec, target, qdq_onnx, triton_model_name)
         if tensorrt:
@@ -423,8 +438,29 @@ def _parse_checksums(path: Path) -> list[tuple[str, str]]:
             digest, sep, name = line.partition(" *")
         if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
             raise InputError(f"{path}:{number}: not a sha256sum line: {line!r}")
-        entries.append((digest.lower(), name))
+        entries.append((digest.lower(), _checked_entry_name(name, path, number)))
     return entries
+
+
+def _checked_entry_name(name: str, sums: Path, number: int) -> str:
+    """An entry of SHA256SUMS must name a file inside the bundle: never an absolute path, a '..' or a backslash."""
+    relative = PurePosixPath(name)
+    if not name or relative.is_absolute() or ".." in relative.parts or "\\" in name:
+        raise InputError(f"{sums}:{number}: entry {name!r} points outside the bundle; SHA256SUMS names the bundle's own files "
+                         "by relative path (was it edited?)")
+    return name
+
+
+def _symlinks(bundle_dir: Path) -> list[Path]:
+    """Symbolic links among the shipped files and folders (what the device writes, device/ and the Triton plan, aside)."""
+    found = []
+    for root, dirs, files in os.walk(bundle_dir):  # does not follow links to folders: a linked folder is listed, not entered
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            if path.is_symlink() and not _device_written(PurePosixPath(path.relative_to(bundle_dir).as_posix())):
+                found.append(path)
+        dirs[:] = [d for d in dirs if not (Path(root) / d).is_symlink()]
+    return sorted(found)
 
 
 def verify_bundle_checksums(bundle_dir: Path) -> None:
@@ -435,6 +471,10 @@ def verify_bundle_checksums(bundle_dir: Path) -> None:
         raise InputError(f"{bundle_dir}: bundle directory not found")
     if not sums.is_file():
         raise InputError(f"{sums}: missing; is {bundle_dir} a bundle written by `python -m pipeline build`?")
+    links = _symlinks(bundle_dir)
+    if links:
+        raise InputError(f"{links[0]}: a symbolic link (to {os.readlink(links[0])}) in the bundle; a bundle ships regular files "
+                         f"only, so that the checksums vouch for what is read (copy the file in instead)")
     entries = _parse_checksums(sums)
     for digest, name in entries:
         path = bundle_dir / name

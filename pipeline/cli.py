@@ -8,10 +8,11 @@ import json
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.errors import Interrupted, PipelineError
+from pipeline.errors import InputError, Interrupted, PipelineError
 
 DEFAULT_TARGET = "jetson"
 
@@ -56,6 +57,8 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--allow-mismatch", action="store_true",
                        help="where this machine's GPU or TensorRT differs from the target's, build the engine for this machine anyway "
                             "(default: write the device bundle; the manifest says why)")
+    build.add_argument("--no-wait", dest="wait", action="store_false",
+                       help="fail (exit 2) instead of waiting when another build is using the output directory (default: wait, and say so)")
     build.add_argument("--json", action="store_true", help="print the manifest summary as JSON instead of the table")
     build.set_defaults(func=build_command)
 
@@ -100,14 +103,15 @@ def build_command(args: argparse.Namespace) -> int:
         target = dataclasses.replace(target, compression=Compression())
     recipe = train_defaults(args.model)
     if args.epochs is not None and args.epochs < 1:
-        raise PipelineError(f"--epochs must be at least 1 (got {args.epochs})")
+        raise InputError(f"--epochs must be at least 1 (got {args.epochs})")
     train = dataclasses.replace(recipe, epochs=args.epochs or recipe.epochs, seed=args.seed)
     if args.weights is not None and not args.weights.is_file():
-        raise PipelineError(f"{args.weights}: weights file not found")
+        raise InputError(f"{args.weights}: weights file not found (--weights)")
+    check_out_dir(args.out or Path("out") / target.name)
     config = BuildConfig(
         target=target, out=args.out or Path("out") / target.name, model=args.model, data=args.data, weights=args.weights,
         fusion=args.fusion, train=train, simplifier=args.simplifier,
-        require_engine=args.require_engine, allow_mismatch=args.allow_mismatch, measure_latency=args.latency,
+        require_engine=args.require_engine, allow_mismatch=args.allow_mismatch, measure_latency=args.latency, wait=args.wait,
     )
     say = (lambda message: print(message, file=sys.stderr)) if args.json else print
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -141,6 +145,21 @@ def _out_dir(args: argparse.Namespace) -> Path:
     return args.out or Path("out") / resolve_target(args.target).name
 
 
+def check_out_dir(out: Path) -> None:
+    """--out must be a directory (or a path one can be made at) this process can create files in: an InputError naming it
+    otherwise, raised before anything is written. Makes the directory, as the build would; writes nothing into it."""
+    existing = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is" if existing == out else f"lies under {existing}, which is"
+        raise InputError(f"--out {out}: {where} not a directory (a build writes a directory of files)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # unnamed where the file system allows: nothing appears in the directory
+            pass
+    except OSError as error:
+        raise InputError(f"--out {out}: cannot write there ({error.strerror or error}); choose a directory you can write to") from None
+
+
 def report_command(args: argparse.Namespace) -> int:
     from pipeline.report import read_manifest
 
@@ -154,6 +173,9 @@ def bench_command(args: argparse.Namespace) -> int:
     from pipeline.bench import bench
     from pipeline.side_by_side import Timing, latency_table
 
+    for flag, value, least in (("--rounds", args.rounds, 1), ("--runs", args.runs, 1), ("--threads", args.threads, 1), ("--warmup", args.warmup, 0)):
+        if value < least:
+            raise InputError(f"{flag} must be at least {least} (got {value:g})")
     out = _out_dir(args)
     timing = Timing(rounds=args.rounds, runs=args.runs, warmup_s=args.warmup, threads=args.threads)
     result = bench(out, timing)

@@ -264,6 +264,7 @@ def unresolved_budget(gate: Gate, row: ParityRow) -> str | None:
     if gate.max_drop_pts is None or row.paired.half_width_pts <= gate.max_drop_pts:
         return None
     low, high = row.paired.delta_ci_pts
+    needed = (f"about {row.paired.samples_to_resolve(gate.max_drop_pts)} samples would resolve it" if gate.max_drop_pts > 0
+              else "no eval set resolves a 0-point budget (any interval has a width)")
     return (f"{row.stage}: the eval set ({row.paired.samples} samples) cannot resolve the {gate.max_drop_pts:g}-point budget: "
-            f"the 95% interval of the change is [{low:+.2f}, {high:+.2f}] points (±{row.paired.half_width_pts:.2f}); "
-            f"about {row.paired.samples_to_resolve(gate.max_drop_pts)} samples would resolve it")
+            f"the 95% interval of the change is [{low:+.2f}, {high:+.2f}] points (±{row.paired.half_width_pts:.2f}); {needed}")

@@ -13,11 +13,35 @@ def read_manifest(out: Path) -> dict[str, Any]:
     """The manifest.json a build wrote into out, or an error naming the file."""
     path = Path(out) / "manifest.json"
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: not found; build first (python -m pipeline build --out {out})") from None
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: not a readable manifest ({error})") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise InputError(f"{path}: not a build manifest ({problem}); rebuild to write it again (python -m pipeline build --out {out})")
+    return manifest
+
+
+# What the ledger reads of a manifest, by key and JSON type (manifest.schema.json has the whole shape).
+_MANIFEST_KEYS = {"status": str, "target": dict, "data": dict, "stages": list, "engine": dict, "wall_s": (int, float)}
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    for key, kind in _MANIFEST_KEYS.items():
+        if key not in manifest:
+            return f"no key '{key}'"
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            return f"'{key}' is a {type(manifest[key]).__name__}"
+    if "name" not in manifest["target"]:
+        return "no key 'target.name'"
+    for number, stage in enumerate(manifest["stages"]):
+        if not isinstance(stage, dict) or not isinstance(stage.get("artifact"), dict) or "name" not in stage:
+            return f"stages[{number}] is not a stage with a name and an artifact"
+    return None
 
 
 def report_markdown(manifest: dict[str, Any]) -> str:

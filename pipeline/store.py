@@ -27,6 +27,7 @@ from pipeline.artifacts import Artifact
 from pipeline.errors import PipelineError
 
 ARTIFACT_RECORD = "artifact.json"
+LOCK_FILE = ".lock"  # flock()ed by the build using the directory; holds its pid while it does
 
 
 def sha256_file(path: Path) -> str:
@@ -99,19 +100,39 @@ class Store:
         self.root = Path(root)
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold an exclusive lock on the output directory for one build."""
+    def lock(self, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Hold an exclusive lock on the output directory for one build.
+
+        The lock file records the holder's pid. When another build holds the lock, wait for it
+        (on_wait hears one line naming the directory and the holder first), or with wait=False
+        raise PipelineError at once, having changed nothing in the directory.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        lock_path = self.root / ".lock"
-        with open(lock_path, "w") as handle:
+        lock_path = self.root / LOCK_FILE
+        # O_RDWR without O_TRUNC: a build that waits (or gives up) leaves the holder's pid in place
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        with os.fdopen(fd, "r+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise PipelineError(f"{self.root}: another build is using this output directory (lock {lock_path})")
+                holder = _lock_holder(handle)
+                if not wait:
+                    raise PipelineError(f"{self.root}: another build ({holder}) is using this output directory; "
+                                        "without --no-wait this build would wait for it") from None
+                if on_wait is not None:
+                    on_wait(f"waiting for {self.root}: another build ({holder}) is using this output directory")
+                fcntl.flock(handle, fcntl.LOCK_EX)
             try:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"{os.getpid()}\n")
+                handle.flush()
                 self.sweep_leftovers()
                 yield
             finally:
+                handle.seek(0)
+                handle.truncate()
+                handle.flush()
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def sweep_leftovers(self) -> list[Path]:
@@ -121,6 +142,7 @@ class Store:
         arrived between a temp directory's creation and its rename. Finished entries are never touched.
         """
         debris = [p for p in (self.root / "stages").glob("*/.*") if p.is_dir()]
+        debris += [p for p in self.root.glob(".bundle.*") if p.is_dir()]  # write_bundle's work and swap directories
         debris += [p for p in (*(self.root / "outputs").glob(".*.tmp"), *self.root.glob(".*.tmp")) if p.is_file()]
         for path in debris:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
@@ -195,6 +217,13 @@ class Store:
 
     def save_json(self, key: str, value: Any) -> None:
         atomic_write_json(self.root / "outputs" / f"{key[:32]}.json", value)
+
+
+def _lock_holder(handle: io.TextIOBase) -> str:
+    """Who holds the lock, as the lock file says ("pid N"); the holder may not have written its pid yet."""
+    handle.seek(0)
+    text = handle.read(64).strip()
+    return f"pid {text}" if text.isdigit() else "pid unknown"
 
 
 def artifact_digest(path: Path) -> str:

@@ -1,4 +1,5 @@
 import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
@@ -67,21 +68,52 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 def _hold_lock(root, ready, release):
     with Store(Path(root)).lock():
         ready.set()
-        release.wait(10)
+        release.wait(30)
 
 
-def test_second_build_on_same_directory_is_refused(tmp_path):
+@pytest.fixture
+def held(tmp_path):
+    """Another process holding the lock on tmp_path until release is set; yields (process, release)."""
     ready, release = multiprocessing.Event(), multiprocessing.Event()
     holder = multiprocessing.Process(target=_hold_lock, args=(str(tmp_path), ready, release))
     holder.start()
     try:
-        assert ready.wait(10)
-        with pytest.raises(PipelineError, match="another build"):
-            with Store(tmp_path).lock():
-                pass
+        assert ready.wait(30)
+        yield holder, release
     finally:
         release.set()
-        holder.join(10)
+        holder.join(30)
+
+
+def test_without_waiting_a_second_build_is_refused_naming_the_directory_and_the_holder(tmp_path, held):
+    holder, _ = held
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")}
+    with pytest.raises(PipelineError, match="another build") as refused:
+        with Store(tmp_path).lock(wait=False):
+            pytest.fail("the lock was granted while another process held it")
+    assert str(tmp_path) in str(refused.value) and f"pid {holder.pid}" in str(refused.value)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")} == before  # the holder's pid stays
+
+
+def test_a_second_build_waits_for_the_lock_and_says_so_once(tmp_path, held):
+    holder, release = held
+    said = []
+
+    def on_wait(message):  # the holder finishes only once the waiter has said it waits: no timing guessed
+        said.append(message)
+        release.set()
+
+    with Store(tmp_path).lock(on_wait=on_wait):
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    assert len(said) == 1 and str(tmp_path) in said[0] and f"pid {holder.pid}" in said[0]
+    assert (tmp_path / ".lock").read_text() == ""  # released: no holder named
+
+
+def test_an_uncontended_lock_does_not_wait(tmp_path):
+    with Store(tmp_path).lock(wait=False, on_wait=lambda message: pytest.fail(message)):
+        pass
+    with Store(tmp_path).lock(on_wait=lambda message: pytest.fail(message)):
+        pass
 
 
 def test_cached_logits_are_checked_like_artifacts(tmp_path):
@@ -104,14 +136,19 @@ def test_cached_logits_are_checked_like_artifacts(tmp_path):
 def test_the_next_build_sweeps_what_a_killed_one_left_half_written(tmp_path):
     store = Store(tmp_path)
     finished = store.commit("prune", "a" * 64, lambda wd: _artifact_in(wd))
-    debris = [tmp_path / "stages" / "prune" / ".aaaaaaaaaaaaaaaa.x1y2z3", tmp_path / "outputs" / ".0123.npy.abc.tmp"]
-    debris[0].mkdir(parents=True)
-    (debris[0] / "model.pt").write_bytes(b"half")
+    debris = [tmp_path / "stages" / "prune" / ".aaaaaaaaaaaaaaaa.x1y2z3", tmp_path / "outputs" / ".0123.npy.abc.tmp",
+              tmp_path / ".bundle.k3j2", tmp_path / ".bundle.old.9x8y"]  # write_bundle's work and swap directories
+    for path in (debris[0], debris[2], debris[3]):
+        path.mkdir(parents=True)
+        (path / "model.int8.onnx").write_bytes(b"half")
     debris[1].parent.mkdir(parents=True, exist_ok=True)
     debris[1].write_bytes(b"half")
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "SHA256SUMS").write_text("finished\n")
     with store.lock():
         assert not any(p.exists() for p in debris)
     assert store.cached("prune", "a" * 64) == finished  # finished entries are untouched
+    assert (tmp_path / "bundle" / "SHA256SUMS").read_text() == "finished\n"
 
 
 def _artifact_in(workdir: Path) -> Artifact:

@@ -62,10 +62,15 @@ def test_engine_matches_onnx_runtime_on_the_same_qdq_model(tmp_path, model_path)
 
 
 def test_timing_cache_is_reused_on_the_second_build(tmp_path, model_path):
+    """The second build loads the first's timings (TensorRT accepts the file) and keeps them in the file it writes back."""
     target = resolve_target("jetson")
     first = build_engine(model_path, target, tmp_path / "a", tmp_path / "cache")
+    written = first.timing_cache_path.read_bytes()
+    assert written and not [w for w in first.warnings if "timing cache" in w]
     second = build_engine(model_path, target, tmp_path / "b", tmp_path / "cache")
-    assert first.timing_cache_path == second.timing_cache_path and second.timing_cache_path.stat().st_size > 0
+    assert second.timing_cache_path == first.timing_cache_path
+    assert not [w for w in second.warnings if "timing cache" in w], second.warnings  # loaded, not rejected, and combined
+    assert len(second.timing_cache_path.read_bytes()) >= len(written)  # combined with the file: no timing was dropped
 
 
 def test_static_batch_engine_pads_and_splits(tmp_path, model_path):

@@ -85,7 +85,8 @@ def definition_path(name: str, directory: Path) -> Path:
     names = definition_names(directory)
     if name not in names:
         raise InputError(
-            f"unknown calibration set '{name}' (definitions in {directory}: {', '.join(names) or 'none'})"
+            f"unknown calibration set '{name}' (from --calibration or the target's quantize.calibration; "
+            f"definitions in {directory}: {', '.join(names) or 'none'})"
         )
     return directory / f"{name}{DEFINITION_SUFFIX}"
 

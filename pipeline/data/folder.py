@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.base import SPLITS, Dataset, Sample
 from pipeline.data.emoji import splits_of, stratified_split
@@ -33,6 +33,10 @@ LABELS_FILE = "labels.json"
 REQUIRED_KEYS = ("image", "text", "label")
 OPTIONAL_KEYS = ("id", "split")
 MIN_SAMPLES = 3
+# Grayscale modes deeper than 8 bits, refused: converting them to RGB clips (odd but 8-bit modes such as CMYK,
+# palette with transparency or grayscale with alpha are converted the way load_rgb converts every image).
+DEEP_MODES = {"I;16": "16-bit grayscale", "I;16L": "16-bit grayscale", "I;16B": "16-bit grayscale", "I;16N": "16-bit grayscale",
+              "I": "32-bit integer grayscale", "F": "32-bit float grayscale"}
 
 
 @dataclass(frozen=True)
@@ -176,10 +180,17 @@ def image_digest(directory: Path, row: Row, samples_path: Path) -> str:
     data = path.read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as image:
+            mode = image.mode
             image.verify()
     # PIL reports damage with many exception types (SyntaxError, struct.error, OSError...).
+    except UnidentifiedImageError:  # its message names the in-memory buffer, not the file
+        raise InputError(f"{where}: cannot read image {path}: not an image format PIL recognizes (damaged, or not an image)")
     except Exception as error:  # noqa: BLE001
         raise InputError(f"{where}: cannot read image {path}: {error or type(error).__name__}")
+    if mode in DEEP_MODES:
+        # Read as 8-bit RGB (pipeline.data.base.load_rgb), every value above 255 would become 255 without a word.
+        raise InputError(f"{where}: image {path} is {DEEP_MODES[mode]} (PIL mode {mode}): images are read with 8 bits per "
+                         "channel and its values above 255 would be clipped; save it as 8-bit grayscale or RGB")
     return sha256_bytes(data)
 
 

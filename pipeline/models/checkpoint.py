@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -74,7 +74,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: Path) -> None:
+def load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: Path, classes: Sequence[str] | None = None) -> None:
+    """Load a state dict that must fit the model key for key and shape for shape.
+
+    classes: the data set's class names; a head trained for another number of
+    classes is then reported as a label set that differs from the weights'.
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -82,9 +87,22 @@ def load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise InputError(f"{source}: weights do not match the model ({len(missing)} missing, {len(unexpected)} unexpected keys; {detail})")
     for key, tensor in state.items():
+        want = tuple(expected[key].shape)
         if tensor.shape != expected[key].shape:
-            raise InputError(f"{source}: '{key}' has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}")
+            if classes is not None and want and want[0] == len(classes) and tensor.ndim == len(want) and tensor.shape[1:] == want[1:]:
+                raise InputError(f"{source}: '{key}' has {tensor.shape[0]} outputs but the data set has {len(classes)} classes "
+                                 f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}): the weights were trained "
+                                 "with another label set; train on this data instead (leave out --weights) or give the labels they were trained with")
+            raise InputError(f"{source}: '{key}' has shape {tuple(tensor.shape)}, the model expects {want}")
     model.load_state_dict(state)
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], source: Path) -> None:
+    """InputError naming the first tensor of a user's checkpoint that holds NaN or infinity."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise InputError(f"{source}: '{key}' holds {bad} NaN or infinite value(s) of {tensor.numel()}: not usable weights")
 
 
 def save_torch_artifact(directory: Path, model: nn.Module, description: Mapping[str, Any]) -> None:

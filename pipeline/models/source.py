@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,13 +19,14 @@ from pipeline.data.base import Dataset
 from pipeline.data.encode import InputSpec
 from pipeline.errors import InputError
 from pipeline.models import build_model, default_config
-from pipeline.models.checkpoint import (describe_registry_model, describe_user_model, load_weights_into,
+from pipeline.models.checkpoint import (check_finite_weights, describe_registry_model, describe_user_model, load_weights_into,
                                         read_state_dict, save_torch_artifact)
-from pipeline.models.user import build_user_model, is_factory_reference
+from pipeline.models.user import build_user_model, describe_error, is_factory_reference
 from pipeline.store import artifact_digest
-from pipeline.training import PrefixCache, TrainSettings, train
+from pipeline.training import PrefixCache, TrainSettings, predict_logits, train
 
 ARTIFACT_DIR = "torch"
+CHECK_SPLIT = "calib"  # the split the model's outputs are checked on before the source pass returns (never eval)
 
 
 def user_input_spec(model: nn.Module) -> InputSpec:
@@ -76,14 +78,53 @@ def train_source(model_name: str, dataset: Dataset, fusion: str | None, settings
     """
     torch.manual_seed(settings.seed)
     model, description = _describe_and_build(model_name, dataset, fusion, pretrained=True)
+    # A user's model is checked before its training (fail in seconds, not after it) and after; the built-in ones give
+    # [N, classes] by construction, and their check would cost the default build's source stage about a calib pass twice.
+    user_model, who = is_factory_reference(model_name), f"--model '{model_name}'"
+    if user_model:
+        check_outputs(model, model_name, dataset, splits.get(CHECK_SPLIT), settings.batch_size, prefix_cache, f"{who}: the untrained model")
     model, report = train(model, splits.get("train"), splits.get("calib"), settings, desc="train", prefix_cache=prefix_cache)
+    if user_model:
+        check_outputs(model, model_name, dataset, splits.get(CHECK_SPLIT), settings.batch_size, prefix_cache,
+                      f"{who}: after training, the model")
     meta = {"trained": {"epochs_run": report.epochs_run, "best_epoch": report.best_epoch, "val_accuracy": report.best_val_accuracy,
                         "history": [list(h) for h in report.history]}}
     return _finish(model, description, workdir, meta)
 
 
-def load_source(model_name: str, dataset: Dataset, fusion: str | None, weights: Path, workdir: Path) -> Artifact:
-    """Load a state dict (weights_only=True) into the named architecture."""
+def load_source(model_name: str, dataset: Dataset, fusion: str | None, weights: Path, workdir: Path, splits: Any = None,
+                batch_size: int = TrainSettings().batch_size, prefix_cache: PrefixCache | None = None) -> Artifact:
+    """Load a state dict (weights_only=True) into the named architecture; with splits, check its outputs on calib."""
     model, description = _describe_and_build(model_name, dataset, fusion, pretrained=False)
-    load_weights_into(model, read_state_dict(Path(weights)), Path(weights))
+    state = read_state_dict(Path(weights))
+    load_weights_into(model, state, Path(weights), classes=dataset.classes)
+    check_finite_weights(state, Path(weights))
+    if splits is not None:
+        check_outputs(model, model_name, dataset, splits.get(CHECK_SPLIT), batch_size, prefix_cache, f"{weights}: with these weights the model")
     return _finish(model.eval(), description, workdir, {"loaded_from": str(weights)})
+
+
+def check_outputs(model: nn.Module, model_name: str, dataset: Dataset, data: Any, batch_size: int, prefix_cache: PrefixCache | None,
+                  who: str) -> None:
+    """InputError unless the model's logits on data (an Encoded split) are finite and [N, classes].
+
+    Raised inside the source pass, before its artifact exists, so a broken model
+    or checkpoint leaves the output directory as the last build left it. who
+    starts the message ("--model 'x': the untrained model", "w.pt: with these weights the model").
+    """
+    try:
+        logits = predict_logits(model, data, batch_size, prefix_cache, desc=f"  checking the model on {CHECK_SPLIT}")
+    except Exception as error:  # noqa: BLE001
+        if not is_factory_reference(model_name):
+            raise  # a built-in model that cannot run its own inputs is a bug here, not bad input
+        raise InputError(f"{who} fails on the {CHECK_SPLIT} split's inputs (image, input_ids, attention_mask): {describe_error(error)}")
+    classes = len(dataset.classes)
+    if logits.ndim != 2 or logits.shape != (len(data), classes):
+        raise InputError(f"{who} returns logits of shape {tuple(logits.shape)} for {len(data)} {CHECK_SPLIT} samples; expected "
+                         f"({len(data)}, {classes}): one logit per class of the data set ({', '.join(dataset.classes[:6])}"
+                         f"{', ...' if classes > 6 else ''})")
+    finite = np.isfinite(logits).all(axis=1)
+    if not finite.all():
+        first = data.ids[int(np.argmin(finite))]
+        raise InputError(f"{who} gives NaN or infinite logits on {int((~finite).sum())} of {len(data)} {CHECK_SPLIT} samples "
+                         f"(first: sample '{first}')")

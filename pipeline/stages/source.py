@@ -31,7 +31,8 @@ def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:
                           "user code is not hashed: change the model name or clear the output dir after editing it"
                           if is_factory_reference(ctx.model) else None)
     if loading:
-        run = lambda workdir: load_source(ctx.model, ctx.dataset, ctx.fusion, ctx.weights, workdir)
+        run = lambda workdir: load_source(ctx.model, ctx.dataset, ctx.fusion, ctx.weights, workdir, ctx.splits, ctx.train.batch_size,
+                                          ctx.prefix_cache)
         input_sha = sha256_file(ctx.weights)
     else:
         run = lambda workdir: train_source(ctx.model, ctx.dataset, ctx.fusion, ctx.train, ctx.splits, workdir, ctx.prefix_cache)
