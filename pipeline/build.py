@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline import __version__, lint
 from pipeline.allocator import allocator_facts
@@ -38,6 +37,7 @@ from pipeline.kernels import kernel_facts, kernel_signature
 from pipeline.models.checkpoint import load_torch_artifact
 from pipeline.models.source import model_input_spec
 from pipeline.parity import Gate, ParityRow, check_gate, parity_row, unresolved_budget
+from pipeline.progress import track
 from pipeline.report import report_markdown
 from pipeline.report_html import report_html
 from pipeline.runners import OrtRunner, Runner, run_batches
@@ -196,8 +196,8 @@ class Conductor:
 
     def outputs(self, artifact: Artifact, runner: Callable[[], Runner], split: str = "eval", how: dict | None = None) -> np.ndarray:
         def compute(data: Encoded) -> np.ndarray:
-            batches = tqdm(data.batches(self.config.eval_batch), total=-(-len(data) // self.config.eval_batch),
-                           desc=f"  measuring {artifact.kind} on {split}", unit="batch", leave=False, disable=None)
+            batches = track(data.batches(self.config.eval_batch), total=-(-len(data) // self.config.eval_batch),
+                            desc=f"measuring {artifact.kind} on {split}", unit="batch", leave=False, samples_per_step=self.config.eval_batch)
             return run_batches(runner(), batches)
 
         return self._stored_logits(artifact, split, how or {}, compute)

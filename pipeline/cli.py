@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.errors import InputError, Interrupted, PipelineError
+from pipeline.progress import DEFAULT_EVERY_S, ProgressStyle, progress_style
 
 DEFAULT_TARGET = "jetson"
 
@@ -60,6 +61,13 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--no-wait", dest="wait", action="store_false",
                        help="fail (exit 2) instead of waiting when another build is using the output directory (default: wait, and say so)")
     build.add_argument("--json", action="store_true", help="print the manifest summary as JSON instead of the table")
+    shown = build.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="print no progress: only errors and the result (the table, or --json's summary)")
+    shown.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="progress as text (bars on a terminal, a line per long step at a steady rate elsewhere, as in a CI log) "
+                            "or one JSON object per line on stderr (default: text)")
+    build.add_argument("--progress-every", type=float, default=DEFAULT_EVERY_S, metavar="SECONDS",
+                       help=f"without a terminal, at most one progress line per long step this often (default: {DEFAULT_EVERY_S:g})")
     build.set_defaults(func=build_command)
 
     targets = sub.add_parser("targets", help="list the deploy targets with their TensorRT version, compute capability and DLA cores")
@@ -113,10 +121,13 @@ def build_command(args: argparse.Namespace) -> int:
         fusion=args.fusion, train=train, simplifier=args.simplifier,
         require_engine=args.require_engine, allow_mismatch=args.allow_mismatch, measure_latency=args.latency, wait=args.wait,
     )
-    say = (lambda message: print(message, file=sys.stderr)) if args.json else print
+    if args.progress_every < 0:
+        raise InputError(f"--progress-every must be at least 0 (got {args.progress_every:g})")
+    say, style = _progress(args)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        manifest = build(config, progress=say)
+        with progress_style(style):
+            manifest = build(config, progress=say)
     except BaseException as error:
         # The manifest already says how the build ended (failed, interrupted, error); so does the summary.
         _print_result(getattr(error, "manifest", None), args.json)
@@ -125,6 +136,17 @@ def build_command(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     _print_result(manifest, args.json)
     return 0
+
+
+def _progress(args: argparse.Namespace) -> tuple[Any, ProgressStyle]:
+    """Where the build's messages and its long steps' progress go: stdout keeps the result alone when --json asks for it."""
+    stream = sys.stderr if args.json or args.log_format == "json" else sys.stdout
+    if args.quiet:
+        return (lambda message: None), ProgressStyle(form="quiet")
+    if args.log_format == "json":
+        return (lambda message: print(json.dumps({"event": "message", "text": message}), file=sys.stderr, flush=True)), \
+            ProgressStyle(form="json", every_s=args.progress_every, stream=sys.stderr)
+    return (lambda message: print(message, file=stream, flush=True)), ProgressStyle(every_s=args.progress_every, stream=sys.stderr)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

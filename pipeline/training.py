@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+from pipeline.progress import track
 
 from pipeline.data.encode import Encoded
 from pipeline.settings import TrainSettings
@@ -106,7 +106,7 @@ def prefix_outputs(model: nn.Module, data: Encoded, batch_size: int, cache: Pref
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
         images, texts = [], []
         with torch.inference_mode():
-            for batch in tqdm(list(data.batches(batch_size)), desc=desc, unit="batch", leave=False, disable=None):
+            for batch in track(list(data.batches(batch_size)), desc=desc, unit="batch", leave=False, samples_per_step=batch_size):
                 images.append(model.image_encoder.prefix(torch.from_numpy(batch["image"])))
                 texts.append(model.text_encoder.prefix(torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])))
         return torch.cat(images), torch.cat(texts)
@@ -252,7 +252,7 @@ def train(
     best_acc, best_epoch, history = evaluate_accuracy(model, val_features, settings.batch_size), 0, []
     initial_acc = best_acc
     already_there = stop_when is not None and stop_when(initial_acc)
-    bar = tqdm(range(1, 0 if already_there else settings.epochs + 1), desc=desc, unit="epoch", disable=None)
+    bar = track(range(1, 0 if already_there else settings.epochs + 1), desc=desc, unit="epoch", samples_per_step=len(train_features))
     for epoch in bar:
         _set_train_mode(model)
         losses = []
@@ -428,7 +428,7 @@ def distill(
     initial = best = measure()
     history: list[tuple[float, Fidelity]] = []
     stopped = "budget"
-    bar = tqdm(range(1, settings.epochs + 1), desc=desc, unit="epoch", disable=None)
+    bar = track(range(1, settings.epochs + 1), desc=desc, unit="epoch", samples_per_step=len(student_train))
     for epoch in bar:
         _set_train_mode(model)
         losses = []
