@@ -78,6 +78,7 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=None, help="the build's output directory (default: out/<target name>)")
     report.add_argument("--target", default=DEFAULT_TARGET, help="target whose default output directory to read when --out is not given (default: jetson)")
     report.add_argument("--json", action="store_true", help="print the manifest summary as JSON instead of the table")
+    report.add_argument("--html", action="store_true", help="also write report.html again from the manifest (e.g. for a build made before it existed)")
     report.set_defaults(func=report_command)
 
     bench = sub.add_parser("bench", help="time a build's reference FP32 export, FP32 export and INT8 model side by side with ONNX Runtime on this CPU")
@@ -185,7 +186,15 @@ def check_out_dir(out: Path) -> None:
 def report_command(args: argparse.Namespace) -> int:
     from pipeline.report import read_manifest
 
-    _print_result(read_manifest(_out_dir(args)), args.json)
+    out = _out_dir(args)
+    manifest = read_manifest(out)
+    if args.html:
+        from pipeline.report_html import report_html
+        from pipeline.store import atomic_write_text
+
+        atomic_write_text(out / "report.html", report_html(manifest))
+        print(f"wrote {out / 'report.html'}", file=sys.stderr)
+    _print_result(manifest, args.json)
     return 0
 
 

@@ -40,17 +40,32 @@ class ProgressStyle:
         return "bars" if getattr(stream, "isatty", lambda: False)() else "lines"
 
 
-_STYLE: ContextVar[ProgressStyle] = ContextVar("edgepipe_progress_style", default=ProgressStyle())
+class _Pace:
+    """When the last progress line was printed, by any loop: the steady rate is the log's, not each loop's."""
+
+    def __init__(self, now: float):
+        self.last = now
+
+
+_STYLE: ContextVar[tuple[ProgressStyle, _Pace] | None] = ContextVar("edgepipe_progress_style", default=None)
 
 
 @contextlib.contextmanager
 def progress_style(style: ProgressStyle) -> Iterator[ProgressStyle]:
     """Show the progress of everything run inside the block in this style."""
-    token = _STYLE.set(style)
+    token = _STYLE.set((style, _Pace(style.clock())))
     try:
         yield style
     finally:
         _STYLE.reset(token)
+
+
+def _current() -> tuple[ProgressStyle, _Pace]:
+    found = _STYLE.get()
+    if found is None:
+        style = ProgressStyle()
+        return style, _Pace(style.clock())
+    return found
 
 
 def track(iterable: Iterable[Any], desc: str, unit: str, total: int | None = None, leave: bool = True,
@@ -59,21 +74,21 @@ def track(iterable: Iterable[Any], desc: str, unit: str, total: int | None = Non
 
     samples_per_step: how many samples one step handles (an epoch's train split, a batch), for a samples/s figure.
     """
-    style = _STYLE.get()
+    style, pace = _current()
     form = style.resolved()
     if form == "bars":
         from tqdm import tqdm
 
         return tqdm(iterable, desc=desc, unit=unit, total=total, leave=leave)
-    return Steps(iterable, desc, unit, total, style, form, samples_per_step)
+    return Steps(iterable, desc, unit, total, style, form, pace, samples_per_step)
 
 
 class Steps:
     """A loop that reports itself in lines (or JSON lines, or not at all) at a steady rate."""
 
     def __init__(self, iterable: Iterable[Any], desc: str, unit: str, total: int | None, style: ProgressStyle, form: str,
-                 samples_per_step: int | None = None):
-        self.iterable, self.desc, self.unit, self.style, self.form = iterable, desc.strip(), unit, style, form
+                 pace: _Pace, samples_per_step: int | None = None):
+        self.iterable, self.desc, self.unit, self.style, self.form, self.pace = iterable, desc.strip(), unit, style, form, pace
         self.samples_per_step = samples_per_step
         self.total = total if total is not None else _length(iterable)
         self.figures: dict[str, Any] = {}
@@ -84,17 +99,19 @@ class Steps:
 
     def __iter__(self) -> Iterator[Any]:
         clock = self.style.clock
-        started = last = clock()
+        started = clock()
         printed = False
         for item in self.iterable:
             yield item
             self.done += 1  # the caller finished this step (its figures are set by now)
             now = clock()
-            if now - last >= self.style.every_s:
+            if now - self.pace.last >= self.style.every_s:  # the log has been quiet long enough, whichever loop spoke last
                 self._report(now - started)
-                printed, last = True, now
-        if printed or clock() - started >= self.style.every_s:  # a step long enough to have been reported says when it ends
-            self._report(clock() - started, finished=True)
+                printed, self.pace.last = True, now
+        now = clock()
+        if printed or now - started >= self.style.every_s or now - self.pace.last >= self.style.every_s:
+            self._report(now - started, finished=True)  # a loop that was reported (or long, or after a quiet spell) says when it ends
+            self.pace.last = now
 
     def _report(self, elapsed: float, finished: bool = False) -> None:
         if self.form == "quiet":

@@ -184,6 +184,11 @@ def _batches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Te
         yield order[start:start + size]
 
 
+def _epoch_batches(n: int, size: int, generator: torch.Generator, desc: str) -> Any:
+    """One epoch's shuffled batches, tracked: a CI log hears from an epoch longer than the progress interval while it runs."""
+    return track(_batches(n, size, generator), desc=desc, unit="batch", total=-(-n // size), leave=False, samples_per_step=size)
+
+
 def _logits_in_order(model: nn.Module, features: _Features, batch_size: int) -> torch.Tensor:
     model.eval()
     with torch.inference_mode():
@@ -256,7 +261,7 @@ def train(
     for epoch in bar:
         _set_train_mode(model)
         losses = []
-        for index in _batches(len(train_features), settings.batch_size, generator):
+        for index in _epoch_batches(len(train_features), settings.batch_size, generator, f"{desc}: epoch {epoch}"):
             loss = _loss(train_features.logits(model, index), train_features.labels[index], teacher[index] if teacher is not None else None, settings)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -432,7 +437,7 @@ def distill(
     for epoch in bar:
         _set_train_mode(model)
         losses = []
-        for index in _batches(len(student_train), settings.batch_size, generator):
+        for index in _epoch_batches(len(student_train), settings.batch_size, generator, f"{desc}: epoch {epoch}"):
             loss = _student_loss(model, student_train, index, answers, settings, mixed_share, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

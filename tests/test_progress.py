@@ -52,6 +52,17 @@ def test_a_short_loop_prints_nothing():
     assert run_loop("lines", steps=3, step_s=1.0, every_s=15.0) == ""
 
 
+def test_short_loops_after_a_quiet_spell_still_print_a_line():
+    """The steady rate is the log's: a short loop that ends a 15-second silence left by other short loops reports."""
+    stream, clock = io.StringIO(), Clock()
+    with progress_style(ProgressStyle(form="lines", every_s=15.0, stream=stream, clock=clock)):
+        for _ in track(range(1), desc="encoding val", unit="batch"):
+            clock.now += 10.0  # alone too short to report
+        for _ in track(range(2), desc="train: epoch 1", unit="batch"):
+            clock.now += 4.0  # at 18 s the log has been quiet for 18 s
+    assert stream.getvalue().splitlines()[0].startswith("  train: epoch 1: batch 2/2")
+
+
 def test_json_lines_carry_the_same_figures():
     records = [json.loads(line) for line in run_loop("json", steps=4, step_s=10.0, every_s=10.0).splitlines()]
     assert [r["done"] for r in records] == [1, 2, 3, 4, 4] and records[-1]["finished"]

@@ -158,3 +158,15 @@ def test_chromium_renders_the_page_with_its_plots(builds, tmp_path):
     assert colours is not None and len(colours) > 200  # text, tables and plots, not a blank page
     banner = image.crop((0, 0, 1200, 300))  # the status bar in the build's colour (ok: green) near the top
     assert sum(count for count, rgb in banner.getcolors(maxcolors=1 << 20) if rgb == (0x1A, 0x7F, 0x37)) > 5000
+
+
+def test_the_report_command_writes_the_page_again_for_an_existing_build(builds, tmp_path, capsys):
+    """A build made before report.html existed (the page removed here) gets it from its manifest: the same bytes a build writes."""
+    from pipeline.cli import main
+
+    out = tmp_path / "ok"
+    shutil.copytree(builds["ok"], out, ignore=shutil.ignore_patterns(".lock"))
+    (out / "report.html").unlink()
+    assert main(["report", "--out", str(out), "--html"]) == 0
+    assert (out / "report.html").read_bytes() == (builds["ok"] / "report.html").read_bytes()
+    assert "wrote" in capsys.readouterr().err
