@@ -1,8 +1,9 @@
 """Progress of the long steps (trainings, encodings, measurements): what a person or a CI log sees while a build runs.
 
     bars   tqdm's bars, on a terminal (the default when stderr is one)
-    lines  one plain line per step at a steady rate: done/total, rate, ETA and the step's own figures (loss,
-           accuracy); the default without a terminal, where bars print nothing (a CI log)
+    lines  a plain line whenever the log has been quiet for `every_s` (from whichever loop is running then):
+           done/total, rate, samples/s, ETA and the step's own figures (loss, accuracy); the default without a
+           terminal, where bars print nothing (a CI log)
     json   the same as one JSON object per line, for machines (--log-format json)
     quiet  nothing (--quiet)
 
@@ -28,7 +29,7 @@ DEFAULT_EVERY_S = 15.0
 @dataclass(frozen=True)
 class ProgressStyle:
     form: Literal["auto", "bars", "lines", "json", "quiet"] = "auto"
-    every_s: float = DEFAULT_EVERY_S  # lines and json: at most one line per step this often (and one when it ends)
+    every_s: float = DEFAULT_EVERY_S  # lines and json: a line once the log has been quiet this long (and one when a reported loop ends)
     stream: TextIO | None = None  # default: sys.stderr at the time of printing
     clock: Callable[[], float] = field(default=time.monotonic, compare=False)
 
@@ -105,7 +106,8 @@ class Steps:
             yield item
             self.done += 1  # the caller finished this step (its figures are set by now)
             now = clock()
-            if now - self.pace.last >= self.style.every_s:  # the log has been quiet long enough, whichever loop spoke last
+            # the log has been quiet long enough, whichever loop spoke last (the last step is left to the closing line)
+            if now - self.pace.last >= self.style.every_s and self.done != self.total:
                 self._report(now - started)
                 printed, self.pace.last = True, now
         now = clock()

@@ -191,9 +191,9 @@ def _epoch_batches(n: int, size: int, generator: torch.Generator, desc: str) -> 
 
 def _logits_in_order(model: nn.Module, features: _Features, batch_size: int) -> torch.Tensor:
     model.eval()
+    starts = track(range(0, len(features), batch_size), desc="computing logits", unit="batch", leave=False, samples_per_step=batch_size)
     with torch.inference_mode():
-        return torch.cat([features.logits(model, torch.arange(start, min(start + batch_size, len(features))))
-                          for start in range(0, len(features), batch_size)])
+        return torch.cat([features.logits(model, torch.arange(start, min(start + batch_size, len(features)))) for start in starts])
 
 
 def evaluate_accuracy(model: nn.Module, features: _Features, batch_size: int) -> float:

@@ -23,6 +23,7 @@ from torch import nn
 from pipeline.compression.structure import dependency_graph
 from pipeline.compression.units import Unit, kept_channels
 from pipeline.compression.prune import channels_to_remove, importance_scorer, unit_group, unit_scores
+from pipeline.progress import track
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def prune_sensitivity(
     runner = BranchRunner(model, inputs, frozen_prefix=all(unit.trainable for unit in units))
     graph = dependency_graph(model, tuple(t[:2] for t in inputs))
     results = []
-    for unit in units:
+    for unit in track(units, desc="sensitivity", unit="unit"):
         keep = kept_channels(unit, probe_ratio)
         indices = channels_to_remove(unit, unit_scores(graph, model, unit, scorer), keep)
         group = unit_group(graph, model, unit, indices)
