@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,8 +32,8 @@ class Artifact:
         if relative_to is not None:
             try:
                 path = self.path.relative_to(relative_to)
-            except ValueError:
-                pass
+            except ValueError:  # outside it (a cache shared by a fleet's targets): ../cache/stages/...
+                path = Path(os.path.relpath(self.path, relative_to))
         return {"kind": self.kind, "path": str(path), "sha256": self.sha256, "meta": dict(self.meta)}
 
     @staticmethod

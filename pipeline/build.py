@@ -81,6 +81,7 @@ class BuildConfig:
     allow_mismatch: bool = False  # build the engine on a machine whose GPU or TensorRT is not the target's (for this machine)
     measure_latency: bool = False  # ONNX Runtime CPU latency of every stage (the ledger's b1/b16 columns; --latency)
     wait: bool = True  # another build holds out's lock: wait for it (saying so), or with --no-wait fail at once (exit 2)
+    cache: Path | None = None  # the stage cache, when not inside out (--cache; a fleet's targets share one)
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class Conductor:
         start = time.perf_counter()
         cached = self.store.cached(name, key)
         if cached is not None:
-            self.say(f"[{name}] cached ({cached.path.relative_to(self.store.root)})")
+            self.say(f"[{name}] cached ({self.store.relative(cached.path)})")
             return cached, True, time.perf_counter() - start
         self.say(f"[{name}] running")
         artifact = self.store.commit(name, key, produce)
@@ -344,7 +345,7 @@ def engine_stage(c: Conductor, int8: Artifact, lint_json: dict, status: str) -> 
     violations = check_gate(target.gates.engine, row)
     if violations:
         raise GateFailed(violations[0].message().replace("vs reference", "vs INT8 ONNX"))
-    return {"status": "built", "reason": status, "plan": str(artifact.path.relative_to(c.store.root))}
+    return {"status": "built", "reason": status, "plan": c.store.relative(artifact.path)}
 
 
 # ------------------------------------------------------------------ the pipeline
@@ -359,7 +360,7 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
     (InputError) found before any stage made its artifact is the exception:
     nothing is written, so the out directory keeps the last build's manifest.
     """
-    store = Store(config.out)
+    store = Store(config.out, config.cache)
     with store.lock(wait=config.wait, on_wait=progress):
         started = time.perf_counter()  # after any wait for another build: wall_s is this build's own
         machine = {**kernel_facts(), "allocator": allocator_facts()}  # the allocator changes speed, not bytes: not keyed
@@ -440,6 +441,7 @@ def make_manifest(config: BuildConfig, versions: dict, machine: dict, dataset: D
         },
         "compression": compression_summary(c),
         "skipped": dict(c.skipped),
+        "cache": c.store.relative(c.store.cache_root),
         "stages": [result.to_json(root) for result in c.results],
         "engine": engine,
         "wall_s": round(wall_s, 2),

@@ -27,11 +27,16 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="train or load the model, export, quantize, gate every stage, build the engine or bundle")
-    build.add_argument("--target", default=DEFAULT_TARGET, help="target name, alias or TOML file (see `targets`; default: jetson)")
+    build.add_argument("--target", default=DEFAULT_TARGET,
+                       help="target name, alias or TOML file (see `targets`; default: jetson); several, comma-separated, or `all` "
+                            "build a fleet in one run: out/<target>/ each, one shared stage cache, out/fleet.json")
     build.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in model name or package.module:factory for your own nn.Module (default: {DEFAULT_MODEL})")
     build.add_argument("--weights", type=Path, default=None, help="state dict (.pt) to load instead of training; loaded with weights_only=True")
     build.add_argument("--data", default="emoji", help="built-in data set name or a folder with samples.jsonl (default: emoji)")
-    build.add_argument("--out", type=Path, default=None, help="output directory (default: out/<target name>)")
+    build.add_argument("--out", type=Path, default=None, help="output directory (default: out/<target name>; for a fleet: out, one directory per target in it)")
+    build.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                       help="stage cache directory, shared by every build and target that names it (e.g. kept between CI runs; "
+                            "default: inside the output directory; for a fleet: <out>/cache)")
     build.add_argument("--fusion", choices=FUSIONS, default=None, help="fusion strategy of the built-in models (default: the model's own)")
     build.add_argument("--epochs", type=int, default=None, help="training epochs when training (default: the model's recipe)")
     build.add_argument("--seed", type=int, default=defaults.seed, help=f"training seed (default: {defaults.seed})")
@@ -95,11 +100,42 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def build_command(args: argparse.Namespace) -> int:
-    from pipeline.build import BuildConfig, build
-    from pipeline.targets import Compression, resolve_target, with_overrides
+    from pipeline.targets import resolve_targets
+
+    targets = resolve_targets(args.target)
+    if args.progress_every < 0:
+        raise InputError(f"--progress-every must be at least 0 (got {args.progress_every:g})")
+    if len(targets) > 1:
+        return fleet_command(args, targets)
+    config = _build_config(args, targets[0], args.out or Path("out") / targets[0].name, args.cache)
+    _run(args, lambda say: _build(config, say), _print_result)
+    return 0
+
+
+def fleet_command(args: argparse.Namespace, targets: list[Any]) -> int:
+    from pipeline.fleet import build_fleet, fleet_configs, fleet_table
+
+    out = args.out or Path("out")
+    configs = fleet_configs([_build_config(args, target, out / target.name, args.cache) for target in targets], out, args.cache)
+
+    def show(outcome: Any) -> None:
+        if not args.json and not args.quiet and outcome.manifest is not None:
+            print(summary_table_of(outcome.manifest) + "\n", flush=True)
+
+    def print_fleet(fleet: dict[str, Any] | None, as_json: bool) -> None:
+        if fleet is not None:
+            print(json.dumps(fleet, indent=2) if as_json else fleet_table(fleet))
+
+    fleet = _run(args, lambda say: build_fleet(configs, out, say, on_target=show), print_fleet, attribute="fleet")
+    return int(fleet["exit_code"])
+
+
+def _build_config(args: argparse.Namespace, target: Any, out: Path, cache: Path | None) -> Any:
+    """One target's build as the flags ask for it; bad flags are refused before anything is written."""
+    from pipeline.build import BuildConfig
+    from pipeline.targets import Compression, with_overrides
     from pipeline.models import train_defaults
 
-    target = resolve_target(args.target)
     target = with_overrides(target, **{
         "quantize.method": args.calibration_method, "quantize.calibration": args.calibration,
         "compression.prune_image": args.prune_image, "compression.prune_text": args.prune_text, "compression.prune_fusion": args.prune_fusion,
@@ -116,27 +152,44 @@ def build_command(args: argparse.Namespace) -> int:
     train = dataclasses.replace(recipe, epochs=args.epochs or recipe.epochs, seed=args.seed)
     if args.weights is not None and not args.weights.is_file():
         raise InputError(f"{args.weights}: weights file not found (--weights)")
-    check_out_dir(args.out or Path("out") / target.name)
-    config = BuildConfig(
-        target=target, out=args.out or Path("out") / target.name, model=args.model, data=args.data, weights=args.weights,
+    check_out_dir(out)
+    if cache is not None:
+        check_out_dir(cache, flag="--cache")
+    return BuildConfig(
+        target=target, out=out, model=args.model, data=args.data, weights=args.weights,
         fusion=args.fusion, train=train, simplifier=args.simplifier,
         require_engine=args.require_engine, allow_mismatch=args.allow_mismatch, measure_latency=args.latency, wait=args.wait,
+        cache=cache,
     )
-    if args.progress_every < 0:
-        raise InputError(f"--progress-every must be at least 0 (got {args.progress_every:g})")
+
+
+def _build(config: Any, say: Any) -> dict[str, Any]:
+    from pipeline.build import build
+
+    return build(config, progress=say)
+
+
+def _run(args: argparse.Namespace, work: Any, show: Any, attribute: str = "manifest") -> Any:
+    """Run a build (or a fleet) with the progress the flags ask for and SIGTERM as an interrupt; print its result however it ends."""
     say, style = _progress(args)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with progress_style(style):
-            manifest = build(config, progress=say)
+            result = work(say)
     except BaseException as error:
-        # The manifest already says how the build ended (failed, interrupted, error); so does the summary.
-        _print_result(getattr(error, "manifest", None), args.json)
+        # The manifest (or the fleet summary) already says how the build ended (failed, interrupted, error); so does the summary.
+        show(getattr(error, attribute, None), args.json)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    _print_result(manifest, args.json)
-    return 0
+    show(result, args.json)
+    return result
+
+
+def summary_table_of(manifest: dict[str, Any]) -> str:
+    from pipeline.report import summary_table
+
+    return summary_table(manifest)
 
 
 def _progress(args: argparse.Namespace) -> tuple[Any, ProgressStyle]:
@@ -168,19 +221,19 @@ def _out_dir(args: argparse.Namespace) -> Path:
     return args.out or Path("out") / resolve_target(args.target).name
 
 
-def check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path, flag: str = "--out") -> None:
     """--out must be a directory (or a path one can be made at) this process can create files in: an InputError naming it
     otherwise, raised before anything is written. Makes the directory, as the build would; writes nothing into it."""
     existing = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), None)
     if existing is not None and not existing.is_dir():
         where = "is" if existing == out else f"lies under {existing}, which is"
-        raise InputError(f"--out {out}: {where} not a directory (a build writes a directory of files)")
+        raise InputError(f"{flag} {out}: {where} not a directory (a build writes a directory of files)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):  # unnamed where the file system allows: nothing appears in the directory
             pass
     except OSError as error:
-        raise InputError(f"--out {out}: cannot write there ({error.strerror or error}); choose a directory you can write to") from None
+        raise InputError(f"{flag} {out}: cannot write there ({error.strerror or error}); choose a directory you can write to") from None
 
 
 def report_command(args: argparse.Namespace) -> int:

@@ -94,46 +94,36 @@ def fsync_tree(root: Path) -> None:
 
 
 class Store:
-    """out/<target>/: stage cache entries, cached eval outputs, the manifest."""
+    """out/<target>/: the manifest, the reports, the bundle; and the stage cache (entries and cached eval outputs).
 
-    def __init__(self, root: Path):
+    The cache lives in the out directory itself unless `cache` names another: the targets of a fleet
+    build, or a CI's successive runs, share one cache, and a stage whose key is the same runs once.
+    """
+
+    def __init__(self, root: Path, cache: Path | None = None):
         self.root = Path(root)
+        self.cache_root = Path(cache) if cache is not None else self.root
+
+    def relative(self, path: Path) -> str:
+        """path as the manifest writes it: relative to the out directory (a shared cache's entries start with ..)."""
+        return os.path.relpath(path, self.root)
 
     @contextlib.contextmanager
     def lock(self, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
-        """Hold an exclusive lock on the output directory for one build.
+        """Hold an exclusive lock on the output directory (and on a cache kept elsewhere, taken first) for one build.
 
         The lock file records the holder's pid. When another build holds the lock, wait for it
         (on_wait hears one line naming the directory and the holder first), or with wait=False
-        raise PipelineError at once, having changed nothing in the directory.
+        raise PipelineError at once, having changed nothing in the directory. A shared cache is
+        locked for the whole build too: the sweep of a killed build's debris must never meet
+        another build's work in progress.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock_path = self.root / LOCK_FILE
-        # O_RDWR without O_TRUNC: a build that waits (or gives up) leaves the holder's pid in place
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        with os.fdopen(fd, "r+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _lock_holder(handle)
-                if not wait:
-                    raise PipelineError(f"{self.root}: another build ({holder}) is using this output directory; "
-                                        "without --no-wait this build would wait for it") from None
-                if on_wait is not None:
-                    on_wait(f"waiting for {self.root}: another build ({holder}) is using this output directory")
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                handle.seek(0)
-                handle.truncate()
-                handle.write(f"{os.getpid()}\n")
-                handle.flush()
-                self.sweep_leftovers()
-                yield
-            finally:
-                handle.seek(0)
-                handle.truncate()
-                handle.flush()
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with contextlib.ExitStack() as held:
+            if self.cache_root != self.root:
+                held.enter_context(_locked(self.cache_root, "stage cache", wait, on_wait))
+            held.enter_context(_locked(self.root, "output directory", wait, on_wait))
+            self.sweep_leftovers()
+            yield
 
     def sweep_leftovers(self) -> list[Path]:
         """Remove what a killed build left half-written: temp entries and temp files (their names start with a dot).
@@ -141,15 +131,15 @@ class Store:
         Only the build holding the lock writes here, so any such entry is debris: a signal or SIGKILL that
         arrived between a temp directory's creation and its rename. Finished entries are never touched.
         """
-        debris = [p for p in (self.root / "stages").glob("*/.*") if p.is_dir()]
+        debris = [p for p in (self.cache_root / "stages").glob("*/.*") if p.is_dir()]
         debris += [p for p in self.root.glob(".bundle.*") if p.is_dir()]  # write_bundle's work and swap directories
-        debris += [p for p in (*(self.root / "outputs").glob(".*.tmp"), *self.root.glob(".*.tmp")) if p.is_file()]
+        debris += [p for p in (*(self.cache_root / "outputs").glob(".*.tmp"), *self.root.glob(".*.tmp")) if p.is_file()]
         for path in debris:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         return debris
 
     def stage_dir(self, stage: str, key: str) -> Path:
-        return self.root / "stages" / stage / key[:16]
+        return self.cache_root / "stages" / stage / key[:16]
 
     def cached(self, stage: str, key: str) -> Artifact | None:
         """The artifact stored under key, if present and its bytes still match."""
@@ -191,7 +181,7 @@ class Store:
 
     def cached_array(self, key: str) -> np.ndarray | None:
         """The array stored under key, if present and its bytes still match the sha256 written beside it."""
-        path = self.root / "outputs" / f"{key[:32]}.npy"
+        path = self.cache_root / "outputs" / f"{key[:32]}.npy"
         digest = path.with_suffix(".npy.sha256")
         try:
             data = path.read_bytes()
@@ -204,19 +194,49 @@ class Store:
     def save_array(self, key: str, array: np.ndarray) -> None:
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
-        path = self.root / "outputs" / f"{key[:32]}.npy"
+        path = self.cache_root / "outputs" / f"{key[:32]}.npy"
         atomic_write_bytes(path, buffer.getvalue())
         atomic_write_text(path.with_suffix(".npy.sha256"), sha256_bytes(buffer.getvalue()) + "\n")  # written last: its presence vouches
 
     def cached_json(self, key: str) -> Any | None:
-        path = self.root / "outputs" / f"{key[:32]}.json"
+        path = self.cache_root / "outputs" / f"{key[:32]}.json"
         try:
             return json.loads(path.read_text()) if path.is_file() else None
         except (ValueError, OSError):
             return None
 
     def save_json(self, key: str, value: Any) -> None:
-        atomic_write_json(self.root / "outputs" / f"{key[:32]}.json", value)
+        atomic_write_json(self.cache_root / "outputs" / f"{key[:32]}.json", value)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path, what: str, wait: bool, on_wait: Callable[[str], None] | None) -> Iterator[None]:
+    """flock() directory/.lock exclusively, writing this process's pid into it while held."""
+    directory.mkdir(parents=True, exist_ok=True)
+    # O_RDWR without O_TRUNC: a build that waits (or gives up) leaves the holder's pid in place
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "r+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(handle)
+            if not wait:
+                raise PipelineError(f"{directory}: another build ({holder}) is using this {what}; "
+                                    "without --no-wait this build would wait for it") from None
+            if on_wait is not None:
+                on_wait(f"waiting for {directory}: another build ({holder}) is using this {what}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _lock_holder(handle: io.TextIOBase) -> str:

@@ -381,6 +381,23 @@ def resolve_target(name_or_path: str, directory: Path = TARGETS_DIR) -> Target:
     raise InputError(f"unknown target '{name_or_path}'; known targets: {', '.join(names)} (files in {directory})")
 
 
+def resolve_targets(spec: str, directory: Path = TARGETS_DIR) -> list[Target]:
+    """--target as a list: one name, alias or TOML file; several, comma-separated (a fleet); or `all` (every shipped target)."""
+    if spec.strip() == "all":
+        return list(available_targets(directory).values())
+    names = [part.strip() for part in spec.split(",")]
+    if any(not name for name in names):
+        raise InputError(f"--target {spec!r}: an empty name in the list; give names, aliases or TOML files separated by commas")
+    targets: list[Target] = []
+    for name in names:
+        target = resolve_target(name, directory)
+        twin = next((t for t in targets if t.name == target.name), None)
+        if twin is not None:
+            raise InputError(f"--target {spec!r}: '{name}' names target '{target.name}' a second time; each target builds once into out/<target>/")
+        targets.append(target)
+    return targets
+
+
 def target_summary(target: Target) -> dict[str, Any]:
     """One row of `python -m pipeline targets`: what the device is and what it ships."""
     return {

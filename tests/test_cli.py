@@ -142,16 +142,6 @@ def test_rebuild_is_served_from_the_cache_with_the_same_bytes(built, tmp_path):
     assert "were measured by the earlier build" in summary_table(manifest)
 
 
-def test_same_inputs_in_a_fresh_directory_give_the_same_onnx_bytes(built, tmp_path):
-    work, args, first = built
-    fresh = [a if a != str(work / "out") else str(tmp_path / "out2") for a in args if a != "--latency"]  # bytes, not timings
-    second = run_cli(*fresh, cwd=work)
-    assert second.returncode == 0, second.stderr[-3000:]
-    sha = lambda result: {s["name"]: s["sha256"] for s in json.loads(result.stdout)["stages"]}
-    assert sha(first)["export"] == sha(second)["export"]
-    assert sha(first)["quantize"] == sha(second)["quantize"]
-
-
 def test_bundle_verifies_with_onnx_runtime_and_a_tampered_bundle_fails(built, tmp_path):
     work, _, _ = built
     bundle = work / "out" / "bundle"
@@ -258,10 +248,11 @@ def test_a_build_stopped_by_a_signal_says_interrupted_and_keeps_the_cache(built,
     assert json.loads(out)["status"] == "interrupted"
     assert "(interrupted)" in (tmp_path / "out" / "report.md").read_text().splitlines()[0]
     assert {p: p.read_bytes() for p in source_dir.rglob("*") if p.is_file()} == before
-    # The next build resumes: the source from the cache, prune anew, and whatever the signal left half-written is swept away.
-    resumed = run_cli(*args, "--recovery-seed", "11", cwd=tmp_path)
+    # The next build resumes: the source from the cache, and whatever the signal left half-written in prune's entry is swept
+    # away (the resumed build skips compression: what is checked is the sweep, not the training test_resume.py reruns).
+    resumed = run_cli(*args, "--no-compression", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert [s["cached"] for s in json.loads(resumed.stdout)["stages"]][:2] == [True, False]
+    assert [(s["name"], s["cached"]) for s in json.loads(resumed.stdout)["stages"]][:2] == [("source", True), ("export", False)]
     assert not [p for p in (tmp_path / "out" / "stages").glob("*/.*")], "a half-written entry survived"
 
 

@@ -17,7 +17,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parent.parent
-ABOVE_THE_LIBRARY = {"pipeline.cli", "pipeline.build", "pipeline.stages", "pipeline.__main__"}
+ABOVE_THE_LIBRARY = {"pipeline.cli", "pipeline.fleet", "pipeline.build", "pipeline.stages", "pipeline.__main__"}
 
 
 def contracts() -> list[dict]:

@@ -4,6 +4,8 @@ two builds into one out directory take turns (or the second, with --no-wait, fai
 The stop points are deterministic: the killed (or held) build runs with a hook from tests/kill_hooks.py that
 SIGKILLs its own process at the chosen place, after writing a marker that says where it was; every test checks
 the exit status (-9), the marker and what the kill left in the out directory before it reruns the same command.
+The kill inside the source training is also the suite's determinism check: its rerun builds every stage from nothing
+and must give the uninterrupted build's bytes.
 """
 
 from __future__ import annotations
