@@ -56,6 +56,27 @@ CHECKSUMS_FILE = "SHA256SUMS"
 BUILD_SCRIPT_FILE = trtexec.SCRIPT_NAME
 POLYGRAPHY_INPUTS_FILE = polygraphy_golden.INPUTS_FILE
 POLYGRAPHY_OUTPUTS_FILE = polygraphy_golden.OUTPUTS_FILE
+# The device install (README): what `engine` and `verify` import, without torch; pyproject.toml's `device` extra,
+# read from the installed metadata so the README cannot drift from it (the fallback is the same list).
+DEVICE_EXTRA = "device"
+DEVICE_REQUIREMENTS = ("numpy>=2.0,<3", "onnx==1.23.2", "onnxruntime==1.32.0", "polygraphy>=0.49")
+
+
+def device_requirements() -> list[str]:
+    """The `device` extra's requirements, e.g. ["numpy>=2.0,<3", "onnx==1.23.2", ...]."""
+    import importlib.metadata
+
+    try:
+        requires = importlib.metadata.requires("edgepipe") or []
+    except importlib.metadata.PackageNotFoundError:
+        return list(DEVICE_REQUIREMENTS)
+    found = [req.split(";")[0].strip() for req in requires
+             if ";" in req and req.split(";", 1)[1].replace("'", '"').replace(" ", "") == f'extra=="{DEVICE_EXTRA}"']
+    return found or list(DEVICE_REQUIREMENTS)
+
+
+def device_requirements_line() -> str:
+    return " ".join(shlex.quote(req) for req in device_requirements())
 TRITON_DIR = triton.TRITON_DIR
 # What the device writes into the bundle (plan, sidecar, timing cache) goes
 # here; it is not part of the shipped bundle, so the checksums ignore it.
@@ -195,10 +216,14 @@ The target runs the INT8 ONNX with ONNX Runtime ({target.device.name}): no Tenso
 ## 1. With this project (`python -m pipeline`)
 
 ```
-pip install edgepipe            # this project (or pip install -e . from a checkout); TensorRT from JetPack or NVIDIA's index
+pip install --no-deps edgepipe  # this project without its training stack (torch, transformers, the data sets)
+pip install {device_requirements_line()}  # its `device` extra; TensorRT from JetPack or NVIDIA's index
 python -m pipeline engine --bundle .          # checks checksums and versions, builds device/model.plan
 python -m pipeline verify --bundle .          # runs the golden set through the plan, exits 0 or 3
 ```
+
+(`pip install 'edgepipe[device]'` alone would also pull the training stack: an extra adds to the
+dependencies, it cannot remove them. From a checkout: `pip install --no-deps .`)
 
 `verify --runtime ort` runs the same check with ONNX Runtime on the CPU (no
 GPU needed). `sha256sum -c {CHECKSUMS_FILE}` checks the files by hand.

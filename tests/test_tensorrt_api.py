@@ -14,7 +14,8 @@ What is checked:
 - that names removed in 11.x appear only in `_legacy_*` functions, and that
   those are called only under a weak-typing / pre-11 guard.
 
-The stub files have syntax slips (e.g. a non-default argument after a default
+The stub parsing and the per-version fake TensorRT live in tests/trt_fake.py
+(shared with tests/test_engine_stage.py). The stub files have syntax slips (e.g. a non-default argument after a default
 one), so they are parsed tolerantly: a line that does not parse is replaced
 by a neutral stand-in and parsing retried; failing that, names are pulled out
 with regular expressions.
@@ -25,10 +26,13 @@ from __future__ import annotations
 import ast
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from trt_fake import (REMOVED_MEMBERS, REMOVED_MODULE_CHAINS, ClassInfo, StubApi, api_from_regex,  # noqa: F401  (tests/ is on sys.path)
+                      find_stub_files, load_stub_api, load_stub_file, parse_tolerantly)
 
 REPO = Path(__file__).resolve().parent.parent
 CHECKED_FILES = (REPO / "pipeline" / "trt" / "engine.py", REPO / "pipeline" / "trt" / "runner.py")
@@ -53,189 +57,18 @@ VARIABLE_TYPES = {
 }
 
 # Removed in TensorRT 11 (NVIDIA, "Removed Python APIs and Replacements", 10.x -> 11.x).
-REMOVED_MODULE_CHAINS = frozenset({
-    ("BuilderFlag", flag) for flag in ("FP16", "INT8", "FP8", "BF16", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",
-                                       "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO")
-} | {("NetworkDefinitionCreationFlag", "EXPLICIT_BATCH")} | {
-    (name,) for name in ("IInt8Calibrator", "IInt8EntropyCalibrator", "IInt8EntropyCalibrator2", "IInt8MinMaxCalibrator",
-                         "IInt8LegacyCalibrator", "CalibrationAlgoType", "QuantizationFlag", "IAlgorithm",
-                         "IAlgorithmContext", "IAlgorithmIOInfo", "IAlgorithmSelector", "IAlgorithmVariant")
-})
-REMOVED_MEMBERS = {
-    "IBuilderConfig": frozenset({"int8_calibrator", "set_calibration_profile", "get_calibration_profile",
-                                 "set_quantization_flag", "get_quantization_flag", "clear_quantization_flag",
-                                 "quantization_flags", "algorithm_selector"}),
-    "Builder": frozenset({"platform_has_fast_fp16", "platform_has_fast_int8"}),
-    "ICudaEngine": frozenset({"device_memory_size", "device_memory_size_for_profile"}),
-}
 LEGACY_PREFIX = "_legacy_"
 # A legacy function may be called only under `if uses_weak_typing(...)` or `if major < N` (N <= 11).
 GUARD_PATTERN = re.compile(r"^(uses_weak_typing\(.*\)|major\s*<\s*(\d+))$")
 
 
-# --------------------------------------------------------------- stub API
-
-
-@dataclass
-class ClassInfo:
-    name: str
-    bases: list[str] = field(default_factory=list)
-    members: set[str] = field(default_factory=set)
-    nested: dict[str, "ClassInfo"] = field(default_factory=dict)
-
-
-@dataclass
-class StubApi:
-    module_names: set[str] = field(default_factory=set)
-    classes: dict[str, ClassInfo] = field(default_factory=dict)
-
-    def members(self, class_name: str, seen: frozenset[str] = frozenset()) -> set[str]:
-        """Members of a class and of its bases (resolved by name)."""
-        info = self.classes.get(class_name)
-        if info is None or class_name in seen:
-            return set()
-        found = set(info.members) | set(info.nested)
-        for base in info.bases:
-            found |= self.members(base, seen | {class_name})
-        return found
-
-    def merge(self, other: "StubApi") -> None:
-        self.module_names |= other.module_names
-        self.classes.update(other.classes)
-
-
-IVAR = re.compile(r":ivar\s+(\w+)\s*:")
-
-
-def _class_from_ast(node: ast.ClassDef) -> ClassInfo:
-    info = ClassInfo(name=node.name, bases=[_base_name(base) for base in node.bases])
-    info.members |= set(IVAR.findall(ast.get_docstring(node) or ""))
-    for item in node.body:
-        if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            info.members.add(item.name)
-        elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
-            info.members.add(item.target.id)
-        elif isinstance(item, ast.Assign):
-            info.members |= {t.id for t in item.targets if isinstance(t, ast.Name)}
-        elif isinstance(item, ast.ClassDef):
-            info.nested[item.name] = _class_from_ast(item)
-    return info
-
-
-def _base_name(node: ast.expr) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return node.attr
-    return ""
-
-
-def _api_from_ast(tree: ast.Module) -> StubApi:
-    api = StubApi()
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            api.classes[node.name] = _class_from_ast(node)
-            api.module_names.add(node.name)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            api.module_names.add(node.name)
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            api.module_names.add(node.target.id)
-        elif isinstance(node, ast.Assign):
-            api.module_names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-            if any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets) and isinstance(node.value, ast.List):
-                api.module_names |= {e.value for e in node.value.elts if isinstance(e, ast.Constant)}
-        elif isinstance(node, ast.ImportFrom):
-            api.module_names |= {alias.asname or alias.name for alias in node.names}
-        elif isinstance(node, ast.Import):
-            api.module_names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
-    return api
-
-
-DEF_LINE = re.compile(r"^(\s*)(async\s+)?def\s+(\w+)\s*\(")
-
-
-def parse_tolerantly(text: str, max_repairs: int = 200) -> tuple[ast.Module | None, int]:
-    """(module, lines repaired); None when the slips cannot be repaired line by line."""
-    lines = text.splitlines()
-    for repairs in range(max_repairs + 1):
-        try:
-            return ast.parse("\n".join(lines)), repairs
-        except SyntaxError as error:
-            index = (error.lineno or 0) - 1
-            if not 0 <= index < len(lines):
-                return None, repairs
-            line = lines[index]
-            match = DEF_LINE.match(line)
-            indent = re.match(r"\s*", line).group(0)
-            # Keep the def (its name is the API) with a signature that parses; the body follows.
-            replacement = f"{indent}def {match.group(3)}(*args, **kwargs):" if match else f"{indent}pass"
-            if replacement == line:
-                return None, repairs
-            lines[index] = replacement
-    return None, max_repairs
-
-
-CLASS_LINE = re.compile(r"^(\s*)class\s+(\w+)\s*(?:\(([^)]*)\))?\s*:")
-MEMBER_LINE = re.compile(r"^(\s*)(\w+)\s*[:=]")
-IMPORT_LINE = re.compile(r"^from\s+\S+\s+import\s+(\w+)(?:\s+as\s+(\w+))?")
-
-
-def api_from_regex(text: str) -> StubApi:
-    """Fallback when a file cannot be parsed: classes, defs, annotations and :ivar by indentation."""
-    api = StubApi()
-    stack: list[tuple[int, ClassInfo]] = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        indent = len(line) - len(line.lstrip())
-        while stack and indent <= stack[-1][0] and not line.lstrip().startswith((":ivar", '"""')):
-            stack.pop()
-        owner = stack[-1][1] if stack else None
-        if match := CLASS_LINE.match(line):
-            info = ClassInfo(name=match.group(2), bases=[b.strip().split(".")[-1] for b in (match.group(3) or "").split(",") if b.strip()])
-            if owner is None:
-                api.classes[info.name] = info
-                api.module_names.add(info.name)
-            else:
-                owner.nested[info.name] = info
-            stack.append((indent, info))
-        elif match := DEF_LINE.match(line):
-            (owner.members if owner else api.module_names).add(match.group(3))
-        elif owner is not None and (ivars := IVAR.findall(line)):
-            owner.members |= set(ivars)
-        elif match := MEMBER_LINE.match(line):
-            (owner.members if owner else api.module_names).add(match.group(2))
-        elif owner is None and (match := IMPORT_LINE.match(line)):
-            api.module_names.add(match.group(2) or match.group(1))
-    return api
-
-
-def load_stub_file(path: Path) -> tuple[StubApi, str]:
-    """The API one .pyi file declares, and how it was read ("ast", "ast+N repairs" or "regex")."""
-    text = path.read_text(encoding="utf-8")
-    tree, repairs = parse_tolerantly(text)
-    if tree is None:
-        return api_from_regex(text), "regex"
-    return _api_from_ast(tree), "ast" if repairs == 0 else f"ast+{repairs} repairs"
-
-
-def find_stub_files() -> list[Path] | None:
-    for entry in map(Path, sys.path):
-        bindings = entry / "tensorrt_bindings" / "tensorrt.pyi"
-        if bindings.is_file():
-            files = [bindings, entry / "tensorrt_bindings" / "__init__.pyi", entry / "tensorrt" / "__init__.pyi"]
-            return [f for f in files if f.is_file()]
-    return None
 
 
 @pytest.fixture(scope="module")
 def stub_api() -> StubApi:
-    files = find_stub_files()
-    if files is None:
+    api = load_stub_api()
+    if api is None:
         pytest.skip("tensorrt-stubs not installed: pip install --no-deps tensorrt-stubs==10.13.0.35.1")
-    api = StubApi()
-    for path in files:
-        api.merge(load_stub_file(path)[0])
     return api
 
 
@@ -435,22 +268,22 @@ def test_every_tensorrt_name_used_exists_in_the_stubs(stub_api, scans):
 
 
 def test_the_scan_sees_the_calls_that_matter(scans):
-    """Guards the scanner itself: if variable names drift, uses would silently go unchecked."""
+    """Guards the scanner itself: if variable names drift, uses would silently go unchecked.
+
+    Since the build and the runner went through Polygraphy, these are the TensorRT calls our own code
+    still makes; the calls Polygraphy makes are checked at run time instead, against the same stubs, by
+    the fake TensorRT (tests/trt_fake.py) every build below runs through.
+    """
     seen = {(use.owner, use.chain[0]) for scanner in scans.values() for use in scanner.uses if use.kind == "member"}
     seen |= {("trt", ".".join(use.chain)) for scanner in scans.values() for use in scanner.uses if use.kind == "module"}
     expected = {
-        ("Builder", "build_serialized_network"), ("Builder", "create_network"), ("Builder", "num_DLA_cores"),
-        ("IBuilderConfig", "set_memory_pool_limit"), ("IBuilderConfig", "builder_optimization_level"),
-        ("IBuilderConfig", "create_timing_cache"), ("IBuilderConfig", "set_timing_cache"),
-        ("IBuilderConfig", "profiling_verbosity"), ("IBuilderConfig", "DLA_core"), ("IBuilderConfig", "can_run_on_DLA"),
-        ("OnnxParser", "parse"), ("OnnxParser", "get_error"), ("ParserError", "desc"),
-        ("IOptimizationProfile", "set_shape"), ("ICudaEngine", "create_engine_inspector"),
-        ("EngineInspector", "get_engine_information"), ("IExecutionContext", "set_input_shape"),
-        ("IExecutionContext", "set_tensor_address"), ("IExecutionContext", "execute_async_v3"),
-        ("ICudaEngine", "get_tensor_profile_shape"), ("Runtime", "deserialize_cuda_engine"),
-        ("trt", "BuilderFlag.INT8"), ("trt", "BuilderFlag.FP16"), ("trt", "BuilderFlag.GPU_FALLBACK"),
-        ("trt", "NetworkDefinitionCreationFlag.STRONGLY_TYPED"), ("trt", "ProfilingVerbosity.DETAILED"),
-        ("trt", "MemoryPoolType.WORKSPACE"), ("trt", "DeviceType.DLA"), ("trt", "LayerInformationFormat.JSON"),
+        ("Builder", "num_DLA_cores"), ("IBuilderConfig", "create_timing_cache"), ("IBuilderConfig", "set_timing_cache"),
+        ("IBuilderConfig", "get_timing_cache"), ("IBuilderConfig", "DLA_core"), ("IBuilderConfig", "can_run_on_DLA"),
+        ("OnnxParser", "parse_from_file"), ("OnnxParser", "get_error"), ("ParserError", "desc"),
+        ("ICudaEngine", "create_engine_inspector"), ("EngineInspector", "get_engine_information"),
+        ("ICudaEngine", "get_tensor_profile_shape"), ("ICudaEngine", "get_tensor_shape"), ("ITimingCache", "combine"),
+        ("trt", "ProfilingVerbosity.DETAILED"), ("trt", "MemoryPoolType.WORKSPACE"), ("trt", "LayerInformationFormat.JSON"),
+        ("trt", "TensorIOMode.OUTPUT"), ("trt", "init_libnvinfer_plugins"), ("trt", "OnnxParser"),
     }
     assert not expected - seen, f"not found by the scan: {sorted(expected - seen)}"
 
@@ -468,10 +301,20 @@ def test_legacy_functions_run_only_under_a_version_guard(scans):
     assert not bad, "legacy (weak typing / explicit batch) calls reachable on TensorRT 11:\n" + "\n".join(bad)
 
 
-def test_legacy_functions_hold_the_removed_flags(scans):
-    engine_scan = scans["pipeline/trt/engine.py"]
-    legacy = {".".join(use.chain) for use in engine_scan.uses if use.function.startswith(LEGACY_PREFIX)}
-    assert {"BuilderFlag.INT8", "BuilderFlag.FP16", "NetworkDefinitionCreationFlag.EXPLICIT_BATCH"} <= legacy
+def test_legacy_functions_hold_the_removed_flags():
+    """The precision flags TensorRT 11 removed are asked of Polygraphy's CreateConfig (int8=, fp16=) only in a
+    _legacy_* function; EXPLICIT_BATCH is Polygraphy's CreateNetwork's (set before 10 only, loader.py)."""
+    tree = ast.parse((REPO / "pipeline" / "trt" / "engine.py").read_text())
+    asked: dict[str, set[str]] = {}
+    for function in (node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)):
+        for node in ast.walk(function):
+            keys = [k.value for k in node.keys if isinstance(k, ast.Constant)] if isinstance(node, ast.Dict) else []
+            keys += [k.arg for k in node.keywords] if isinstance(node, ast.Call) else []
+            for key in keys:
+                if key in ("int8", "fp16", "bf16", "fp8"):
+                    asked.setdefault(function.name, set()).add(key)
+    assert asked and all(name.startswith(LEGACY_PREFIX) for name in asked), asked
+    assert {"int8", "fp16"} <= asked["_legacy_precision_flags"]
 
 
 MISSPELLED = '''
@@ -520,8 +363,8 @@ def test_the_checker_catches_removed_names_and_unguarded_legacy_calls():
 
 
 # ------------------------------------------------------------------------
-# build_engine's call sequence, run against a recording double of TensorRT.
-# The double is built from the stubs: touching a name the stubs (10.13) do not
+# build_engine's call sequence through Polygraphy, run against a recording double of TensorRT
+# (tests/trt_fake.py). The double is built from the stubs: touching a name the stubs (10.13) do not
 # declare, or one TensorRT 11 removed when it plays 11.x, raises AttributeError.
 # It checks the orchestration per major version; TensorRT itself runs only in
 # tests/test_trt_runner.py, which skips without TensorRT and a GPU.
@@ -533,203 +376,14 @@ import numpy as _np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+import trt_fake  # noqa: E402
+from trt_fake import INSPECTOR_JSON, FakeTensorRT  # noqa: E402
+
 from pipeline.errors import InputError  # noqa: E402
 from pipeline.trt import engine as engine_module  # noqa: E402
 from pipeline.targets import resolve_target  # noqa: E402
 
 # Names the fake hides before the TensorRT version that introduced them (the stubs are 10.13):
-ADDED_IN = {
-    # NvInfer.h / pyCore.cpp: kSAME_COMPUTE_CAPABILITY first in 10.9 (absent v10.3.0-v10.8.0); JetPack 6 has 10.3
-    ("HardwareCompatibilityLevel", "SAME_COMPUTE_CAPABILITY"): (10, 9),
-    # hardware compatibility, version compatibility (lean runtime, host code) and the optimization level: 8.6
-    ("HardwareCompatibilityLevel",): (8, 6),
-    ("IBuilderConfig", "hardware_compatibility_level"): (8, 6),
-    ("BuilderFlag", "VERSION_COMPATIBLE"): (8, 6),
-    ("BuilderFlag", "EXCLUDE_LEAN_RUNTIME"): (8, 6),
-    ("Runtime", "engine_host_code_allowed"): (8, 6),
-    ("IBuilderConfig", "builder_optimization_level"): (8, 6),
-    # strongly typed networks arrived with 9.x (used only on 10.x here); ParserError.node_name with 9.1
-    # (see engine._describe_parser_error)
-    ("NetworkDefinitionCreationFlag", "STRONGLY_TYPED"): (9, 0),
-    ("ParserError", "node_name"): (9, 1),
-}
-
-INSPECTOR_JSON = _json.dumps({"Layers": [
-    {"Name": "image_head", "LayerType": "CaskGemmMatrixMultiply", "Inputs": [{"Name": "x", "Format/Datatype": "Int8"}],
-     "Outputs": [{"Name": "y", "Format/Datatype": "Row major linear FP32"}]},
-    {"Name": "text_head", "LayerType": "CaskGemmMatrixMultiply", "Inputs": [{"Name": "t", "Format/Datatype": "Half"}]},
-    {"Name": "fuse", "LayerType": "PointWiseV2", "Inputs": [{"Name": "a", "DataType": "Float"}]},
-], "Bindings": ["image", "logits"]})
-
-
-class _Enum:
-    def __init__(self, path: str, value: int):
-        self.path, self.value = path, value
-
-    def __int__(self) -> int:
-        return self.value
-
-    def __repr__(self) -> str:
-        return self.path
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Enum) and other.path == self.path
-
-    def __hash__(self) -> int:
-        return hash(self.path)
-
-
-class _Double:
-    """An instance of a TensorRT class: attributes checked against the stubs, calls recorded."""
-
-    def __init__(self, world: "_FakeTensorRT", class_name: str, **state):
-        object.__setattr__(self, "_world", world)
-        object.__setattr__(self, "_class", class_name)
-        object.__setattr__(self, "_state", state)
-
-    def __getattr__(self, name: str):
-        world, class_name = self._world, self._class
-        world.check_member(class_name, name)
-        behaviour = world.behaviour(self, name)
-        if callable(behaviour):
-            def call(*args, **kwargs):
-                world.calls.append((f"{class_name}.{name}", args, kwargs))
-                return behaviour(*args, **kwargs)
-            return call
-        return behaviour
-
-    def __setattr__(self, name: str, value) -> None:
-        self._world.check_member(self._class, name)
-        self._world.calls.append((f"{self._class}.{name} =", (value,), {}))
-        self._state[name] = value
-
-
-class _FakeTensorRT:
-    """The `tensorrt` module as the engine stage sees it, for one TensorRT version."""
-
-    def __init__(self, api: StubApi, version: str, *, dla_cores: int = 0, parse_ok: bool = True,
-                 build_ok: bool = True, cache_accepted: bool = True, cache_available: bool = True,
-                 inspector_json: str | None = None):
-        self.api, self.__version__, self.major = api, version, int(version.split(".")[0])
-        self.version = tuple(int(part) for part in version.split(".")[:2])
-        self.dla_cores, self.parse_ok, self.build_ok = dla_cores, parse_ok, build_ok
-        # set_timing_cache's answer (False: device/version mismatch) and whether get_timing_cache has one
-        self.cache_accepted, self.cache_available = cache_accepted, cache_available
-        self.inspector_json = inspector_json or INSPECTOR_JSON
-        self.calls: list[tuple[str, tuple, dict]] = []
-        # TensorRT keeps the first logger given to a Builder or Runtime in a process (TensorRT#1475):
-        # everything later is logged there, whatever logger a later Builder/Runtime was given.
-        self.kept_logger = None
-        severity = SimpleNamespace(**{n: _Enum(f"Severity.{n}", i) for i, n in enumerate(
-            ["INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"])})
-        self.ILogger = type("ILogger", (), {"Severity": severity, "__init__": lambda self: None})
-
-    # -- the stubs decide which names exist
-    def removed(self, class_name: str, name: str) -> bool:
-        if self.version < ADDED_IN.get((class_name, name), (0, 0)):
-            return True  # not there yet in the version played (the stubs are 10.13)
-        return self.major >= 11 and (name in REMOVED_MEMBERS.get(class_name, ()) or (class_name, name) in REMOVED_MODULE_CHAINS)
-
-    def check_member(self, class_name: str, name: str) -> None:
-        if name not in self.api.members(class_name) or self.removed(class_name, name):
-            raise AttributeError(f"TensorRT {self.__version__}: '{class_name}' has no attribute '{name}'")
-
-    def __getattr__(self, name: str):
-        if (name not in self.api.module_names or (self.major >= 11 and (name,) in REMOVED_MODULE_CHAINS)
-                or self.version < ADDED_IN.get((name,), (0, 0))):
-            raise AttributeError(f"module 'tensorrt' {self.__version__} has no attribute '{name}'")
-        if name in ("Builder", "Runtime"):
-            def construct(logger):
-                self.calls.append((name, (logger,), {}))
-                return _Double(self, name, logger=self.keep_logger(logger))
-            return construct
-        if name == "OnnxParser":
-            return lambda network, logger: _Double(self, name, logger=logger)
-        members = self.api.classes[name].members
-        return SimpleNamespace(**{m: _Enum(f"{name}.{m}", i) for i, m in enumerate(sorted(members))
-                                  if m.isupper() and not self.removed(name, m)})
-
-    def keep_logger(self, logger):
-        if self.kept_logger is None:
-            self.kept_logger = logger
-        return self.kept_logger
-
-    def log(self, severity: str, message: str) -> None:
-        """What TensorRT logs goes to the first logger it was given, not to the caller's."""
-        if self.kept_logger is not None:
-            self.kept_logger.log(getattr(self.ILogger.Severity, severity), message)
-
-    def _build(self, network, config):
-        if not self.build_ok:
-            self.log("ERROR", "[network.cpp::validate] Error Code 4: Internal Error (image: dynamic input is missing dimensions in profile 0.)")
-            return None
-        if "BuilderFlag.VERSION_COMPATIBLE" in {repr(args[0]) for args in self.called("IBuilderConfig.set_flag")}:
-            return b"VC-PLAN-BYTES"  # embeds the lean runtime (host code)
-        return b"PLAN-BYTES"
-
-    def _deserialize(self, runtime, plan):
-        # The runtime refuses a plan with host code (a version-compatible plan embeds the lean
-        # runtime) unless runtime.engine_host_code_allowed is set (stubs 10.13: "Whether this runtime
-        # is allowed to deserialize engines that contain host executable code (Default: False)";
-        # Polygraphy's EngineFromBytes sets it for version-compatible plans). Like every failed
-        # deserialization it logs an error and returns None; the message text here is the fake's own.
-        if bytes(plan).startswith(b"VC-") and not runtime._state.get("engine_host_code_allowed"):
-            self.log("ERROR", "IRuntime::deserializeCudaEngine: (fake) the plan contains host code and "
-                              "engine_host_code_allowed is false")
-            return None
-        return _Double(self, "ICudaEngine")
-
-    def _parse(self, data, path=None):
-        if not self.parse_ok:
-            self.log("ERROR", "ModelImporter.cpp:949: While parsing node number 5 [NonMaxSuppression -> \"boxes\"]: "
-                              "no importer registered for op: NonMaxSuppression")
-        return self.parse_ok
-
-    def _set_timing_cache(self, config, cache, ignore_mismatch):
-        config._state["timing_cache"] = cache if self.cache_accepted else None
-        return self.cache_accepted
-
-    def _get_timing_cache(self, config):
-        return config._state.get("timing_cache") if self.cache_available else None
-
-    # -- what the doubles return
-    def behaviour(self, obj: _Double, name: str):
-        state = obj._state
-        table = {
-            ("Builder", "create_network"): lambda flags=0: _Double(self, "INetworkDefinition"),
-            ("Builder", "create_builder_config"): lambda: _Double(self, "IBuilderConfig"),
-            ("Builder", "create_optimization_profile"): lambda: _Double(self, "IOptimizationProfile"),
-            ("Builder", "num_DLA_cores"): self.dla_cores,
-            ("Builder", "build_serialized_network"): self._build,
-            ("INetworkDefinition", "num_inputs"): 1,
-            ("INetworkDefinition", "get_input"): lambda i: _Double(self, "ITensor", name="image", shape=(-1, 3, 4, 4)),
-            ("INetworkDefinition", "num_layers"): 2,
-            ("INetworkDefinition", "get_layer"): lambda i: _Double(self, "ILayer", name=["gather", "conv"][i]),
-            ("ITensor", "name"): state.get("name"),
-            ("ITensor", "shape"): state.get("shape"),
-            ("ILayer", "name"): state.get("name"),
-            ("IBuilderConfig", "can_run_on_DLA"): lambda layer: layer._state["name"] != "gather",
-            ("IBuilderConfig", "create_timing_cache"): lambda data: _Double(self, "ITimingCache", data=bytes(data)),
-            ("IBuilderConfig", "get_timing_cache"): lambda: self._get_timing_cache(obj),
-            ("IBuilderConfig", "set_timing_cache"): lambda cache, ignore_mismatch: self._set_timing_cache(obj, cache, ignore_mismatch),
-            ("ITimingCache", "serialize"): lambda: b"CACHE",
-            ("ITimingCache", "combine"): lambda input_cache, ignore_mismatch: True,
-            ("OnnxParser", "parse"): self._parse,
-            ("OnnxParser", "num_errors"): 1,
-            ("OnnxParser", "get_error"): lambda i: _Double(self, "ParserError"),
-            ("ParserError", "node"): lambda: 5,
-            ("ParserError", "node_name"): lambda: "",
-            ("ParserError", "desc"): lambda: "no importer for op",
-            ("ParserError", "code"): lambda: 8,
-            ("Runtime", "deserialize_cuda_engine"): lambda plan: self._deserialize(obj, plan),
-            ("ICudaEngine", "create_engine_inspector"): lambda: _Double(self, "EngineInspector"),
-            ("ICudaEngine", "num_io_tensors"): 0,
-            ("EngineInspector", "get_engine_information"): lambda fmt: self.inspector_json,
-        }
-        return table.get((obj._class, name), lambda *args, **kwargs: None)
-
-    def called(self, name: str) -> list[tuple]:
-        return [args for called, args, _ in self.calls if called == name]
 
 
 def _tiny_onnx(path: Path) -> Path:
@@ -744,31 +398,37 @@ def _tiny_onnx(path: Path) -> Path:
 
 @pytest.fixture
 def fake_tensorrt(stub_api, monkeypatch):
-    def install(version: str, **options) -> _FakeTensorRT:
-        fake = _FakeTensorRT(stub_api, version, **options)
-        monkeypatch.setitem(sys.modules, "tensorrt", fake)
-        monkeypatch.setattr(engine_module, "local_tensorrt", lambda: engine_module.LocalTensorRT(
-            tensorrt_version=version, device_name="Orin (nvgpu)", compute_capability="8.7"))
-        return fake
-    return install
+    """install(version, **options): the fake TensorRT of that version, a fake Orin GPU (8.7) and CUDA runtime."""
+    yield lambda version, **options: trt_fake.install(monkeypatch, stub_api, version, **options)
+    trt_fake.reset_polygraphy_tensorrt()  # Polygraphy must not keep the fake after the test
 
 
-def _flags(fake: _FakeTensorRT) -> set[str]:
-    return {repr(args[0]) for args in fake.called("IBuilderConfig.set_flag")}
+def _flags(fake: FakeTensorRT) -> set[str]:
+    """The builder flags set, less TF32: TensorRT's default, which the build keeps on every version (Polygraphy
+    would clear it unless asked, config.py)."""
+    flags = {repr(args[0]) for args in fake.called("IBuilderConfig.set_flag")}
+    assert "BuilderFlag.TF32" in flags
+    return flags - {"BuilderFlag.TF32"}
+
+
+def _network_flags(fake: FakeTensorRT) -> list[int]:
+    """The flags of each create_network call (Polygraphy's CreateNetwork passes them by keyword)."""
+    return [kwargs.get("flags", args[0] if args else 0) for args, kwargs in fake.called_with("Builder.create_network")]
 
 
 def test_double_build_on_10x_is_weakly_typed_with_int8_and_fp16(tmp_path, fake_tensorrt):
     fake = fake_tensorrt("10.3.0.30")
     result = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), resolve_target("jetson"), tmp_path / "w", tmp_path / "cache")
-    assert fake.called("Builder.create_network") == [(0,)]
+    assert _network_flags(fake) == [0]
     assert _flags(fake) == {"BuilderFlag.INT8", "BuilderFlag.FP16"}
     assert fake.called("IBuilderConfig.set_memory_pool_limit") == [(fake.MemoryPoolType.WORKSPACE, 1024 << 20)]
     assert fake.called("IBuilderConfig.builder_optimization_level =") == [(3,)]
     assert [repr(a[0]) for a in fake.called("IBuilderConfig.profiling_verbosity =")] == ["ProfilingVerbosity.DETAILED"]
     assert fake.called("IOptimizationProfile.set_shape") == [("image", (1, 3, 4, 4), (8, 3, 4, 4), (32, 3, 4, 4))]
-    assert result.plan_path.read_bytes() == b"PLAN-BYTES"  # plain plan, no header
+    assert result.plan_path.read_bytes().startswith(trt_fake.PLAN_MAGIC)  # the plan as TensorRT serialized it, no header of ours
     sidecar = _json.loads(result.metadata_path.read_text())
     assert sidecar["tensorrt_version"] == "10.3.0.30" and sidecar["typing"] == "weak"
+    assert set(sidecar["precisions_built"]) == {"int8", "fp16", "fp32"}
     assert sidecar["layer_precisions"] == {"int8": 1, "fp16": 1, "fp32": 1}
     assert result.float_compute_layers == ("text_head",)
     assert result.timing_cache_path.read_bytes() == b"CACHE"
@@ -777,19 +437,20 @@ def test_double_build_on_10x_is_weakly_typed_with_int8_and_fp16(tmp_path, fake_t
 
 def test_double_build_on_11x_sets_no_precision_flag(tmp_path, fake_tensorrt):
     fake = fake_tensorrt("11.4.1")  # BuilderFlag.INT8/FP16, EXPLICIT_BATCH, calibrators... raise here
-    result = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), resolve_target("jetson"), tmp_path / "w", None)
-    assert fake.called("Builder.create_network") == [(0,)]
+    result = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), _jetson(fp16_fallback=False), tmp_path / "w", None)
+    assert _network_flags(fake) == [0]
     assert _flags(fake) == set()
+    assert set(result.metadata["precisions_built"]) == {"int8", "fp32"}
     assert result.typing == "strong" and result.timing_cache_path is None
 
 
 def test_double_build_on_10x_opting_into_strong_typing(tmp_path, fake_tensorrt):
     fake = fake_tensorrt("10.13.0.35")
     target = resolve_target("jetson-thor")
-    target = dataclasses_replace_builder(target, network_typing="strong")
+    target = dataclasses_replace_builder(target, network_typing="strong", fp16_fallback=False)
     engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), target, tmp_path / "w", None)
     strongly_typed = int(fake.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    assert fake.called("Builder.create_network") == [(1 << strongly_typed,)]
+    assert _network_flags(fake) == [1 << strongly_typed]
     assert _flags(fake) == set()
 
 
@@ -797,7 +458,7 @@ def test_double_build_on_8x_uses_explicit_batch(tmp_path, fake_tensorrt):
     fake = fake_tensorrt("8.5.2.2")
     result = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), resolve_target("jetson-xavier-nx"), tmp_path / "w", None)
     explicit = int(fake.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    assert fake.called("Builder.create_network") == [(1 << explicit,)]
+    assert _network_flags(fake) == [1 << explicit]
     assert _flags(fake) == {"BuilderFlag.INT8", "BuilderFlag.FP16"}
     assert any("optimization level" in note for note in result.notes)
 
@@ -806,10 +467,17 @@ def test_double_build_for_dla(tmp_path, fake_tensorrt):
     fake = fake_tensorrt("10.3.0.30", dla_cores=2)
     result = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), resolve_target("jetson-agx-orin"), tmp_path / "w", None)
     assert [repr(a[0]) for a in fake.called("IBuilderConfig.default_device_type =")] == ["DeviceType.DLA"]
-    assert fake.called("IBuilderConfig.DLA_core =") == [(0,)]
+    assert fake.called("IBuilderConfig.DLA_core =")[-1] == (0,)
     assert "BuilderFlag.GPU_FALLBACK" in _flags(fake)
     assert fake.called("IOptimizationProfile.set_shape") == [("image", (8, 3, 4, 4), (8, 3, 4, 4), (8, 3, 4, 4))]
     assert result.gpu_fallback_layers == ("gather",)
+
+
+def test_double_build_for_dla_uses_the_targets_core(tmp_path, fake_tensorrt):
+    fake = fake_tensorrt("10.3.0.30", dla_cores=2)
+    target = dataclasses_replace_builder(resolve_target("jetson-agx-orin"), dla_core=1)
+    engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), target, tmp_path / "w", None)
+    assert fake.called("IBuilderConfig.DLA_core =")[-1] == (1,)  # Polygraphy's CreateConfig picks core 0; the target says 1
 
 
 def test_double_build_for_dla_on_a_device_without_it(tmp_path, fake_tensorrt):
@@ -888,15 +556,25 @@ def test_double_version_compatible_plan_is_loaded_back_with_host_code_allowed(tm
     result = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), _jetson(version_compatible=True), tmp_path / "w", None)
     assert "BuilderFlag.VERSION_COMPATIBLE" in _flags(fake)
     assert fake.called("Runtime.engine_host_code_allowed =") == [(True,)]
-    assert result.plan_path.read_bytes() == b"VC-PLAN-BYTES" and result.metadata["version_compatible"] is True
+    assert result.plan_path.read_bytes().startswith(trt_fake.VC_PREFIX) and result.metadata["version_compatible"] is True
 
 
-def test_double_fake_runtime_refuses_a_version_compatible_plan_without_host_code(fake_tensorrt):
+def test_double_fake_runtime_refuses_a_version_compatible_plan_without_host_code(tmp_path, fake_tensorrt):
     fake = fake_tensorrt("10.3.0.30")
+    plan = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), _jetson(version_compatible=True), tmp_path / "w", None).plan_path
     runtime = fake.Runtime(None)
-    assert runtime.deserialize_cuda_engine(b"VC-PLAN-BYTES") is None
+    assert runtime.deserialize_cuda_engine(plan.read_bytes()) is None
     runtime.engine_host_code_allowed = True
-    assert runtime.deserialize_cuda_engine(b"VC-PLAN-BYTES") is not None
+    assert runtime.deserialize_cuda_engine(plan.read_bytes()) is not None
+
+
+def test_double_plan_of_another_version_does_not_load(tmp_path, fake_tensorrt, stub_api):
+    fake_tensorrt("10.3.0.30")
+    plan = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), resolve_target("jetson"), tmp_path / "w", None).plan_path
+    newer = FakeTensorRT(stub_api, "10.13.0.35")
+    runtime = newer.Runtime(None)
+    runtime.engine_host_code_allowed = True
+    assert runtime.deserialize_cuda_engine(plan.read_bytes()) is None  # a plan is tied to its TensorRT version
 
 
 def test_double_rejected_timing_cache_is_reported_and_the_build_goes_on(tmp_path, fake_tensorrt):
@@ -906,7 +584,7 @@ def test_double_rejected_timing_cache_is_reported_and_the_build_goes_on(tmp_path
     name = engine_module.timing_cache_name(resolve_target("jetson").name, "10.3.0.30", "Orin (nvgpu)", "8.7")
     (cache_dir / name).write_bytes(b"FROM-ANOTHER-DEVICE")
     result = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), resolve_target("jetson"), tmp_path / "w", cache_dir)
-    assert result.plan_path.read_bytes() == b"PLAN-BYTES"
+    assert result.plan_path.read_bytes().startswith(trt_fake.PLAN_MAGIC)
     assert any("timing cache" in w and "rejected" in w for w in result.metadata["warnings"]), result.metadata["warnings"]
     assert any("rejected" in w for w in _json.loads(result.metadata_path.read_text())["warnings"])
     assert fake.called("Builder.build_serialized_network")
@@ -926,8 +604,9 @@ def test_double_timing_cache_is_combined_with_the_file_under_a_lock_and_written_
     cache_file = cache_dir / engine_module.timing_cache_name(resolve_target("jetson").name, "10.3.0.30", "Orin (nvgpu)", "8.7")
     cache_file.write_bytes(b"OLD")
     events = []
-    real_flock, real_atomic = _fcntl.flock, engine_module.atomic_write_bytes
-    monkeypatch.setattr(_fcntl, "flock", lambda fd, op: (events.append(("flock", op)), real_flock(fd, op))[1])
+    # Polygraphy's LockFile (the lock `polygraphy convert --save-timing-cache` takes on the same file) uses lockf
+    real_lockf, real_atomic = _fcntl.lockf, engine_module.atomic_write_bytes
+    monkeypatch.setattr(_fcntl, "lockf", lambda fd, op: (events.append(("flock", op)), real_lockf(fd, op))[1])
     monkeypatch.setattr(engine_module, "atomic_write_bytes",
                         lambda path, data: (events.append(("write", Path(path).name)), real_atomic(path, data))[1])
     engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), resolve_target("jetson"), tmp_path / "w", cache_dir)
@@ -1015,26 +694,59 @@ def test_dynamic_shape_dump_falls_back_to_the_weights_type():
     assert info.precision == "int8"
 
 
-def test_runner_loads_a_version_compatible_plan_with_host_code_allowed(tmp_path, fake_tensorrt, monkeypatch):
+def test_runner_loads_a_version_compatible_plan_with_host_code_allowed(tmp_path, fake_tensorrt):
     import shutil
 
-    import torch
-
+    from pipeline.runners import OrtRunner
     from pipeline.trt import runner as runner_module
 
     fake = fake_tensorrt("10.3.0.30")
-    monkeypatch.setattr(runner_module, "trt_runner_status", lambda: (True, ""))
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: None)  # no GPU here; the fake engine has no I/O
-    result = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), _jetson(version_compatible=True), tmp_path / "w", None)
-    with pytest.raises(PipelineError, match="no outputs"):  # i.e. it got past deserializing the plan
-        runner_module.TrtRunner(result.plan_path)
+    model = _tiny_onnx(tmp_path / "m.onnx")
+    result = engine_module.build_engine(model, _jetson(version_compatible=True), tmp_path / "w", None)
+    inputs = {"image": _np.random.default_rng(0).standard_normal((40, 3, 4, 4)).astype(_np.float32)}
+    runner = runner_module.TrtRunner(result.plan_path)
+    # Through Polygraphy's TrtRunner and its CUDA wrapper (host memory here): the fake runs the plan's ONNX, so this
+    # proves the binding, the split into the profile's max batch (32) and the copy back, not TensorRT's numerics.
+    _np.testing.assert_allclose(runner.predict(inputs), OrtRunner(model).predict(inputs), rtol=1e-6)
+    assert len(fake.called("IExecutionContext.execute_async_v3")) == 2  # 40 samples: 32 + 8
     assert fake.called("Runtime.engine_host_code_allowed =") == [(True,), (True,)]  # the build's check, then the runner
-    bare = tmp_path / "bare" / "model.plan"  # the same plan without its sidecar (as trtexec leaves it)
+    bare = tmp_path / "bare" / "model.plan"  # the same plan without its sidecar (as trtexec leaves it): loads too now
     bare.parent.mkdir()
     shutil.copy(result.plan_path, bare)
-    with pytest.raises(PipelineError) as error:
-        runner_module.TrtRunner(bare)
-    assert "engine_host_code_allowed" in str(error.value)  # what TensorRT logged, not a guess
-    # one logger in the process: the runner's Runtime got the build's (TensorRT keeps the first anyway)
+    assert runner_module.TrtRunner(bare).predict({"image": inputs["image"][:3]}).shape == (3, 3)
+    # one logger in the process: every Builder/Runtime got the build's (TensorRT keeps the first anyway)
     given = [args[0] for name, args, _ in fake.calls if name in ("Builder", "Runtime")]
     assert len(given) == 4 and all(logger is fake.kept_logger for logger in given)
+    runner.close()
+
+
+def test_runner_needs_no_torch(tmp_path, fake_tensorrt, monkeypatch):
+    """Defect 12: the runner's device buffers are Polygraphy's (libcudart), not torch CUDA tensors."""
+    from pipeline.trt import runner as runner_module
+
+    fake_tensorrt("10.3.0.30")
+    result = engine_module.build_engine(_tiny_onnx(tmp_path / "m.onnx"), resolve_target("jetson"), tmp_path / "w", None)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    assert runner_module.trt_runner_status() == (True, "")
+    logits = runner_module.TrtRunner(result.plan_path).predict({"image": _np.ones((2, 3, 4, 4), _np.float32)})
+    _np.testing.assert_allclose(logits, _np.full((2, 3), 48.0))
+
+
+def test_fp16_fallback_under_strong_typing_is_refused_naming_the_target_key(tmp_path, fake_tensorrt):
+    """Defect 8: strongly typed builds have no FP16 flag; fp16_fallback would silently build INT8 + FP32."""
+    fake = fake_tensorrt("11.4.1")
+    model = _tiny_onnx(tmp_path / "m.onnx")
+    with pytest.raises(InputError, match=r"builder\.fp16_fallback = true.*TensorRT 11\.x builds strongly typed"):
+        engine_module.build_engine(model, resolve_target("jetson"), tmp_path / "w", None)
+    assert not fake.called("Builder.build_serialized_network")
+    fake_tensorrt("10.13.0.35")
+    strong = dataclasses_replace_builder(resolve_target("jetson-thor"), network_typing="strong")
+    with pytest.raises(InputError, match=r"builder\.fp16_fallback = true but builder\.network_typing = 'strong'"):
+        engine_module.build_engine(model, strong, tmp_path / "w", None)
+    import dataclasses
+
+    with pytest.raises(InputError, match=r"precision = 'fp16'"):
+        engine_module.build_engine(model, dataclasses.replace(dataclasses_replace_builder(strong, fp16_fallback=False),
+                                                              precision="fp16"), tmp_path / "w", None)
+    weak = engine_module.build_engine(model, resolve_target("jetson-thor"), tmp_path / "w", None)  # 10.13, weakly typed
+    assert weak.metadata["precisions_built"]["fp16"].startswith("BuilderFlag.FP16")

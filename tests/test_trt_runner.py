@@ -1,6 +1,7 @@
 """The engine stage and TrtRunner for real: TensorRT and a CUDA GPU required, skipped otherwise.
 
-These run on a Jetson or a GPU host (pip install -e '.[tensorrt]' there). On
+These run on a Jetson or a GPU host (pip install -e '.[tensorrt,device]' there: the engine code runs
+through Polygraphy, which the `device` extra brings). On
 machines without them every test here skips and says what is missing; the
 TensorRT calls are then covered only statically (tests/test_tensorrt_api.py).
 """
@@ -30,7 +31,7 @@ def _require_tensorrt_and_cuda() -> None:
         pytest.skip(f"needs TensorRT and a CUDA GPU: {reason}")
     available, reason = trt_runner_status()
     if not available:
-        pytest.skip(f"needs torch with CUDA for the runner's device buffers: {reason}")
+        pytest.skip(f"needs Polygraphy and the CUDA runtime (libcudart) for the runner's device buffers: {reason}")
 
 
 @pytest.fixture

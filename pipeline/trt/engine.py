@@ -1,19 +1,30 @@
-"""Engine stage: a TensorRT plan built from the INT8 (Q/DQ) ONNX for one target.
+"""Engine stage: a TensorRT plan built from the INT8 (Q/DQ) ONNX for one target, through Polygraphy.
 
 TensorRT and a CUDA GPU exist only on the devices and GPU hosts, so this module
-imports `tensorrt` inside the functions that use it; everywhere else the build
-writes a device bundle instead (pipeline.bundle) and `tensorrt_status()` says
-plainly what is missing.
+imports `tensorrt` and Polygraphy inside the functions that use them; everywhere
+else the build writes a device bundle instead (pipeline.bundle) and
+`tensorrt_status()` says plainly what is missing.
+
+What Polygraphy does (polygraphy.backend.trt, tested by NVIDIA against every
+TensorRT release): the network (CreateNetwork: EXPLICIT_BATCH before 10,
+STRONGLY_TYPED), the builder config (CreateConfig: profiles, workspace, optimization
+level, profiling verbosity, precision flags, hardware/version compatibility, DLA with
+GPU fallback), the build (EngineBytesFromNetwork) and loading a plan back
+(EngineFromBytes, host code allowed). What stays ours, small: the target policy
+(which settings, refusals naming the target key), the ONNX parse step (its errors
+name the nodes), the DLA core index and the list of layers DLA cannot run, the
+timing cache (Polygraphy ignores a rejected cache and writes the file in place),
+reading per-layer precisions from the inspector, the process logger, the sidecar.
 
 Precision by TensorRT major version (facts: shared/TENSORRT.md):
 - 8.x/10.x, weakly typed: a Q/DQ network still needs BuilderFlag.INT8
   (TensorRT#4021); BuilderFlag.FP16 lets the unquantized layers run in half.
-  8.x also needs the EXPLICIT_BATCH network flag.
-- 11.x, strongly typed (the only mode): no precision flags exist; INT8 comes
-  from the Q/DQ nodes, FP16 from an FP16-typed graph.
-The names TensorRT 11 removed live only in the `_legacy_*` functions, called
-only when `uses_weak_typing(...)` is true; tests/test_tensorrt_api.py checks
-that statically against tensorrt-stubs 10.13 and the 11.x removal list.
+- 11.x (always) and 10.x opting in: strongly typed; no precision flags exist; INT8
+  comes from the Q/DQ nodes, FP16 only from an FP16-typed graph, which this pipeline
+  does not write, so fp16_fallback / precision "fp16" are refused there.
+The precision flags TensorRT 11 removed are asked for only in `_legacy_precision_flags`,
+called only when `uses_weak_typing(...)` is true; tests/test_tensorrt_api.py checks
+the TensorRT names used here against tensorrt-stubs 10.13 and the 11.x removal list.
 
 The plan stays plain bytes (trtexec and Triton load it as is); everything we
 know about it goes to a sidecar JSON next to it.
@@ -24,10 +35,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import fcntl
 import json
-import os
 import re
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -233,47 +243,45 @@ def engine_settings(target: Target) -> dict[str, Any]:
 
 def build_engine(onnx_path: Path, target: Target, workdir: Path, timing_cache_dir: Path | None,
                  *, plan_name: str = PLAN_NAME) -> EngineResult:
-    """Build workdir/<plan_name> (+ <plan_name>.json sidecar) from the Q/DQ ONNX for target.
+    """Build workdir/<plan_name> (+ <plan_name>.json sidecar) from the Q/DQ ONNX for target, through Polygraphy.
 
     Raises EngineRequired (exit 4) when TensorRT or a GPU is missing,
     InputError when the parser rejects the model (naming the nodes) or the
-    device lacks what the target asks for, PipelineError when the build fails.
+    device or TensorRT lacks what the target asks for, PipelineError when the build fails.
     """
     onnx_path = Path(onnx_path)
     local = local_tensorrt()
     import tensorrt as trt
 
     trt_log = TensorRTLog.of(trt)
-    with trt_log.capture() as captured:
-        return _build(trt, trt_log.logger, captured, local, onnx_path, target, workdir, timing_cache_dir, plan_name)
+    with trt_log.capture() as captured, quiet_polygraphy():
+        return _build(trt, captured, local, onnx_path, target, workdir, timing_cache_dir, plan_name)
 
 
-def _build(trt: Any, logger: Any, captured: "LogCapture", local: LocalTensorRT, onnx_path: Path, target: Target,
+def _build(trt: Any, captured: "LogCapture", local: LocalTensorRT, onnx_path: Path, target: Target,
            workdir: Path, timing_cache_dir: Path | None, plan_name: str) -> EngineResult:
+    from polygraphy.backend.trt import EngineBytesFromNetwork
+
     major = tensorrt_major(local.tensorrt_version)
     weak = uses_weak_typing(target, major)
+    refuse_unhonoured_fp16(target, major)  # defect 8: before any work
     warnings: list[str] = []
-    builder = trt.Builder(logger)
-    network = builder.create_network(_network_flags(trt, target, major))
-    _parse_onnx(trt, network, logger, onnx_path, captured)
-    config = builder.create_builder_config()
-    notes = _configure(trt, builder, network, config, target, major)
-    if uses_weak_typing(target, major):
-        _legacy_set_precision_flags(trt, config, target)
+    builder, network, _parser = network_from_onnx(trt, onnx_path, strongly_typed=_opts_into_strong_typing(target, major),
+                                                 captured=captured)
+    notes: list[str] = []
+    config = create_config(trt, builder, network, target, major, notes)
     gpu_fallback_layers = _dla_fallback_layers(config, network) if target.builder.use_dla else ()
     cache_path = _timing_cache_path(timing_cache_dir, target, local)
     warnings += _load_timing_cache(config, cache_path)
 
     started = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
+    with _polygraphy_errors(f"TensorRT could not build an engine for '{target.name}' from {onnx_path}", captured):
+        serialized = EngineBytesFromNetwork((builder, network), config=config)()
     build_seconds = time.perf_counter() - started
-    if serialized is None:
-        raise PipelineError(f"TensorRT could not build an engine for '{target.name}' from {onnx_path}:\n"
-                            + "\n".join(captured.errors[-20:] or ["(TensorRT logged no error)"]))
     plan = bytes(serialized)
     warnings += _save_timing_cache(config, cache_path)
 
-    layers = _inspect_plan(trt, logger, captured, plan, version_compatible=target.builder.version_compatible)
+    layers = _inspect_plan(captured, plan)
     float_layers = tuple(info.name for info in layers if _is_float_compute(info)) if target.precision == "int8" else ()
     unreadable = [info.name for info in layers if info.precision == "unknown"]
     if layers and len(unreadable) == len(layers):
@@ -306,6 +314,24 @@ def _build(trt: Any, logger: Any, captured: "LogCapture", local: LocalTensorRT, 
     return dataclasses.replace(result, metadata=metadata)
 
 
+def built_precisions(target: Target, typing: str) -> dict[str, str]:
+    """What the builder was allowed to run each precision from, as the sidecar states it.
+
+    Weak typing: INT8 from the Q/DQ nodes (with BuilderFlag.INT8), FP16 where
+    fp16_fallback (or precision "fp16") set BuilderFlag.FP16, FP32 for the rest.
+    Strong typing: the graph's own types only (INT8 from Q/DQ, every other tensor FP32:
+    this pipeline writes no FP16-typed graph, so FP16 is refused there, see refuse_unhonoured_fp16).
+    """
+    wants_fp16 = target.precision == "fp16" or (target.precision == "int8" and target.builder.fp16_fallback)
+    found = {}
+    if target.precision == "int8":
+        found["int8"] = "Q/DQ nodes" + (" + BuilderFlag.INT8" if typing == "weak" else " (strongly typed)")
+    if typing == "weak" and wants_fp16:
+        found["fp16"] = "BuilderFlag.FP16: layers TensorRT finds faster in half"
+    found["fp32"] = "every layer not quantized" + ("" if typing == "weak" and wants_fp16 else " (no FP16)")
+    return found
+
+
 def engine_metadata(result: EngineResult, target: Target, onnx_path: Path) -> dict[str, Any]:
     """The sidecar JSON: what was built, where, how, and what the engine really runs."""
     precisions: dict[str, int] = {}
@@ -321,6 +347,7 @@ def engine_metadata(result: EngineResult, target: Target, onnx_path: Path) -> di
         "compute_capability": result.compute_capability,
         "typing": result.typing,
         "precision_requested": target.precision,
+        "precisions_built": built_precisions(target, result.typing),
         "version_compatible": target.builder.version_compatible,
         "hardware_compatibility": target.builder.hardware_compatibility,
         "dla_core": target.builder.dla_core if target.builder.use_dla else None,
@@ -379,7 +406,17 @@ class TensorRTLog:
         with cls._instance_lock:
             if cls._instance is None or cls._instance._trt is not trt:
                 cls._instance = cls(trt)
+            cls._instance._share_with_polygraphy()
             return cls._instance
+
+    def _share_with_polygraphy(self) -> None:
+        """Polygraphy's loaders give TensorRT `get_trt_logger()`, the module global TRT_LOGGER once made
+        (polygraphy/backend/trt/util.py): make it this logger, so TensorRT keeps one logger and we read it."""
+        try:
+            from polygraphy.backend.trt import util as polygraphy_trt_util
+        except ImportError:  # Polygraphy missing: nothing to share with (the build then fails naming it)
+            return
+        polygraphy_trt_util.TRT_LOGGER = self.logger
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[LogCapture]:
@@ -403,42 +440,139 @@ class TensorRTLog:
                 if is_fallback:
                     captured.dla_fallback_messages.append(msg)
         if is_error or severity == levels.WARNING:
-            print(f"[TensorRT] {msg}", flush=True)
+            print(f"[TensorRT] {msg}", file=sys.stderr, flush=True)  # stdout carries `build --json`
 
 
-def _collecting_logger(trt: Any) -> Any:
-    """The process-wide TensorRT logger (see TensorRTLog)."""
-    return TensorRTLog.of(trt).logger
+# ------------------------------------------------- Polygraphy under the build
 
 
-def _network_flags(trt: Any, target: Target, major: int) -> int:
-    if major < 10:
-        return _legacy_explicit_batch_flag(trt)
-    if major >= 11 or uses_weak_typing(target, major):
-        # 10.x networks are always explicit batch and weakly typed by default;
-        # 11.x networks are always strongly typed (the flag is deprecated there).
-        return 0
-    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)  # 10.x opting into strong typing
+@contextlib.contextmanager
+def quiet_polygraphy() -> Iterator[None]:
+    """Polygraphy logs to stdout (polygraphy/logger/logger.py); `build --json` owns stdout. Its
+    failures still raise (PolygraphyException, turned into our errors by _polygraphy_errors),
+    and what TensorRT itself logs reaches TensorRTLog, which prints warnings and errors to stderr."""
+    from polygraphy.logger import G_LOGGER
+
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        yield
 
 
-def _legacy_explicit_batch_flag(trt: Any) -> int:
-    """TensorRT 8.x only: implicit batch is its default. EXPLICIT_BATCH is gone in 11."""
-    return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+@contextlib.contextmanager
+def _polygraphy_errors(what: str, captured: "LogCapture", error: type[PipelineError] = PipelineError) -> Iterator[None]:
+    """A Polygraphy failure ("Invalid Engine...", "X is not available on TensorRT version ...") as our
+    error, with what TensorRT logged: Polygraphy's own message alone does not say why."""
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        yield
+    except PolygraphyException as failure:
+        logged = captured.errors[-20:] or ["(TensorRT logged no error)"]
+        raise error(f"{what}: {failure}\n" + "\n".join(logged)) from None
 
 
-def _legacy_set_precision_flags(trt: Any, config: Any, target: Target) -> None:
-    """Weakly typed builds (8.x/10.x): the flags TensorRT 11 removed."""
-    if target.precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)  # still required for Q/DQ networks (TensorRT#4021)
-    if target.precision == "fp16" or (target.precision == "int8" and target.builder.fp16_fallback):
-        config.set_flag(trt.BuilderFlag.FP16)
+def _opts_into_strong_typing(target: Target, major: int) -> bool:
+    """10.x (and 9.x) build strongly typed only when the target opts in; 11.x always is, without the flag
+    (STRONGLY_TYPED is deprecated there), and 8.x cannot (targets.py refuses "strong" before 10)."""
+    return 9 <= major < 11 and not uses_weak_typing(target, major)
 
 
-def _parse_onnx(trt: Any, network: Any, logger: Any, onnx_path: Path, captured: LogCapture | None = None) -> None:
+def network_from_onnx(trt: Any, onnx_path: Path, *, strongly_typed: bool, captured: "LogCapture") -> tuple[Any, Any, Any]:
+    """(builder, network, parser): Polygraphy's CreateNetwork (EXPLICIT_BATCH before 10, STRONGLY_TYPED when
+    asked), then the ONNX parser as Polygraphy's NetworkFromOnnxPath runs it (plugins initialised,
+    parse_from_file so external weights are found next to the model).
+
+    Our own step: the parse itself, so that a rejection names the ONNX nodes (InputError);
+    NetworkFromOnnxPath logs the parser errors and raises "Could not parse ONNX correctly"
+    (polygraphy/backend/trt/util.py, check_onnx_parser_errors), dropping which node failed.
+    """
+    from polygraphy.backend.trt import create_network, get_trt_logger
+
+    with _polygraphy_errors("TensorRT could not create a network", captured, InputError):
+        builder, network = create_network(strongly_typed=strongly_typed)
+    logger = get_trt_logger()
+    trt.init_libnvinfer_plugins(logger, "")
     parser = trt.OnnxParser(network, logger)
-    # path= lets the parser find external weight files next to the model.
-    if parser.parse(onnx_path.read_bytes(), path=str(onnx_path)):
+    if not parser.parse_from_file(str(onnx_path)) or parser.num_errors:
+        _raise_parser_errors(trt, parser, onnx_path, captured)
+    return builder, network, parser
+
+
+def create_config(trt: Any, builder: Any, network: Any, target: Target, major: int, notes: list[str]) -> Any:
+    """The IBuilderConfig: Polygraphy's CreateConfig from the target's settings, then what it does not cover."""
+    from polygraphy.backend.trt import CreateConfig
+
+    settings = target.builder
+    if settings.use_dla:
+        _check_dla_core(builder, target)  # Polygraphy only warns and builds for the GPU when a device has no DLA
+    options: dict[str, Any] = {
+        "profiles": [optimization_profile(network, target)],
+        "memory_pool_limits": {trt.MemoryPoolType.WORKSPACE: settings.workspace_mb << 20},
+        # DETAILED: the engine inspector then reports each layer's precision and tactic.
+        "profiling_verbosity": trt.ProfilingVerbosity.DETAILED,
+        # TensorRT's own default is TF32 on; Polygraphy's CreateConfig clears it unless asked (config.py).
+        "tf32": True,
+    }
+    if uses_weak_typing(target, major):
+        options.update(_legacy_precision_flags(target))
+    if version_tuple(trt.__version__) >= (8, 6):
+        options["builder_optimization_level"] = settings.optimization_level
+    else:
+        notes.append(f"builder optimization level not settable in TensorRT {trt.__version__} (added in 8.6)")
+    if settings.hardware_compatibility != "none":
+        options["hardware_compatibility_level"] = _hardware_level(trt, settings.hardware_compatibility)
+    if settings.version_compatible:
+        # The plan embeds the lean runtime; loading it needs runtime.engine_host_code_allowed, which
+        # Polygraphy's EngineFromBytes sets (here in _inspect_plan, and in pipeline.trt.runner).
+        if getattr(trt.BuilderFlag, "VERSION_COMPATIBLE", None) is None:
+            raise _missing_in_local_tensorrt(trt, "version_compatible", "true", "BuilderFlag.VERSION_COMPATIBLE", "8.6")
+        options["version_compatible"] = True
+    if settings.use_dla:
+        # Polygraphy sets the DLA device type, GPU_FALLBACK (or DIRECT_IO without it) and, before 11,
+        # PREFER_PRECISION_CONSTRAINTS (config.py, CreateConfig._configure_flags).
+        options.update(use_dla=True, allow_gpu_fallback=settings.gpu_fallback)
+    config = CreateConfig(**options)(builder, network)
+    if settings.use_dla:
+        config.DLA_core = settings.dla_core  # CreateConfig always picks core 0
+    return config
+
+
+def optimization_profile(network: Any, target: Target) -> Any:
+    """A Polygraphy Profile with every network input's (min, opt, max) from profile_shapes()."""
+    from polygraphy.backend.trt import Profile
+
+    shapes = Profile()  # Polygraphy's (an ordered dict), turned into an IOptimizationProfile by CreateConfig
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        shapes.add(tensor.name, *profile_shapes(tensor.name, tuple(tensor.shape), target))
+    return shapes
+
+
+def _legacy_precision_flags(target: Target) -> dict[str, bool]:
+    """Weakly typed builds (8.x/10.x): CreateConfig's int8/fp16, i.e. the BuilderFlags TensorRT 11 removed."""
+    return {
+        "int8": target.precision == "int8",  # BuilderFlag.INT8 is still required for Q/DQ networks (TensorRT#4021)
+        "fp16": target.precision == "fp16" or (target.precision == "int8" and target.builder.fp16_fallback),
+    }
+
+
+def refuse_unhonoured_fp16(target: Target, major: int) -> None:
+    """Defect 8: a strongly typed build takes its precisions from the graph's types, so BuilderFlag.FP16 does not
+    exist for it (TensorRT 11 removed it; 10.x forbids it with STRONGLY_TYPED). FP16 would need an FP16-typed
+    ONNX (ModelOpt's AutoCast, onnxconverter-common's float16 conversion), which this pipeline does not write:
+    refuse instead of building an FP32 engine that the target said would use FP16."""
+    if uses_weak_typing(target, major):
         return
+    why = (f"TensorRT {major}.x" if major >= 11 else "builder.network_typing = 'strong'") + " builds strongly typed"
+    if target.precision == "fp16":
+        raise InputError(f"target '{target.name}': precision = 'fp16' but {why}: FP16 comes only from an FP16-typed "
+                         "graph, which this pipeline does not write; use precision = 'int8' with builder.fp16_fallback = false")
+    if target.builder.fp16_fallback:
+        raise InputError(f"target '{target.name}': builder.fp16_fallback = true but {why}, where unquantized layers run "
+                         "in the graph's own type (FP32): there is no FP16 flag to fall back to; set "
+                         "builder.fp16_fallback = false in the target (the engine is then INT8 + FP32, as the sidecar says)")
+
+
+def _raise_parser_errors(trt: Any, parser: Any, onnx_path: Path, captured: LogCapture | None = None) -> None:
     node_names = _onnx_node_labels(onnx_path)
     lines = []
     for index in range(parser.num_errors):
@@ -471,36 +605,6 @@ def _onnx_node_labels(onnx_path: Path) -> list[str]:
     except Exception:  # the parser already failed; a second failure must not hide its message
         return []
     return [f"{node.name or '<unnamed>'} ({node.op_type})" for node in graph.node]
-
-
-def _configure(trt: Any, builder: Any, network: Any, config: Any, target: Target, major: int) -> list[str]:
-    """Workspace, optimization level, profiling, profile, DLA and compatibility; returns notes."""
-    notes: list[str] = []
-    settings = target.builder
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
-    if hasattr(config, "builder_optimization_level"):
-        config.builder_optimization_level = settings.optimization_level
-    else:
-        notes.append(f"builder optimization level not settable in TensorRT {trt.__version__} (added in 8.6)")
-    # DETAILED: the engine inspector then reports each layer's precision and tactic.
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    _add_optimization_profile(builder, network, config, target)
-    if settings.use_dla:
-        _configure_dla(trt, builder, config, target)
-    if settings.hardware_compatibility != "none":
-        level = _hardware_level(trt, settings.hardware_compatibility)
-        if not hasattr(config, "hardware_compatibility_level"):
-            raise _missing_in_local_tensorrt(trt, "hardware_compatibility", settings.hardware_compatibility,
-                                             "IBuilderConfig.hardware_compatibility_level", "8.6")
-        config.hardware_compatibility_level = level
-    if settings.version_compatible:
-        # The plan embeds the lean runtime; loading it needs runtime.engine_host_code_allowed
-        # (_inspect_plan here, pipeline.trt.runner on the device).
-        flag = getattr(trt.BuilderFlag, "VERSION_COMPATIBLE", None)
-        if flag is None:
-            raise _missing_in_local_tensorrt(trt, "version_compatible", "true", "BuilderFlag.VERSION_COMPATIBLE", "8.6")
-        config.set_flag(flag)
-    return notes
 
 
 # builder.hardware_compatibility value -> (HardwareCompatibilityLevel member, first TensorRT with it).
@@ -543,28 +647,12 @@ def profile_shapes(input_name: str, shape: Iterable[int], target: Target) -> tup
     return (batch.min, *rest), (batch.opt, *rest), (batch.max, *rest)
 
 
-def _add_optimization_profile(builder: Any, network: Any, config: Any, target: Target) -> None:
-    profile = builder.create_optimization_profile()
-    dynamic = False
-    for index in range(network.num_inputs):
-        tensor = network.get_input(index)
-        low, opt, high = profile_shapes(tensor.name, tuple(tensor.shape), target)
-        dynamic = dynamic or any(int(d) < 0 for d in tensor.shape)
-        profile.set_shape(tensor.name, low, opt, high)
-    if dynamic:
-        config.add_optimization_profile(profile)
-
-
-def _configure_dla(trt: Any, builder: Any, config: Any, target: Target) -> None:
+def _check_dla_core(builder: Any, target: Target) -> None:
     cores = builder.num_DLA_cores
     wanted = target.builder.dla_core
     if wanted >= cores:
         raise InputError(f"target '{target.name}' asks for DLA core {wanted} but this device reports {cores} DLA core(s); "
                          "build with a GPU target instead (e.g. jetson-orin-nx)")
-    config.default_device_type = trt.DeviceType.DLA
-    config.DLA_core = wanted
-    if target.builder.gpu_fallback:
-        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
 
 
 def _dla_fallback_layers(config: Any, network: Any) -> tuple[str, ...]:
@@ -615,8 +703,12 @@ def _load_timing_cache(config: Any, path: Path | None) -> list[str]:
 
 
 def _save_timing_cache(config: Any, path: Path | None) -> list[str]:
-    """Merge the build's timings into the file, as Polygraphy does: under an exclusive lock,
-    load what is there now, combine, write atomically. Warnings for the report."""
+    """Merge the build's timings into the file, as Polygraphy's EngineBytesFromNetwork does (under its
+    LockFile, the same `<file>.lock` so a `polygraphy convert --save-timing-cache` on the same file waits
+    for us; load what is there now, combine), but written atomically and reporting what did not merge:
+    Polygraphy writes the file in place and combines with ignore_mismatch=True. Warnings for the report."""
+    from polygraphy.util import LockFile
+
     if path is None:
         return []
     timing_cache = config.get_timing_cache()
@@ -624,7 +716,7 @@ def _save_timing_cache(config: Any, path: Path | None) -> list[str]:
         return [f"TensorRT has no timing cache after the build (rejected?); {path} was not written"]
     warnings: list[str] = []
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(path.with_name(path.name + ".lock")):
+    with LockFile(str(path)):
         current = path.read_bytes() if path.is_file() else b""
         if current:
             previous = config.create_timing_cache(current)
@@ -635,32 +727,23 @@ def _save_timing_cache(config: Any, path: Path | None) -> list[str]:
     return warnings
 
 
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(descriptor, fcntl.LOCK_UN)
-    finally:
-        os.close(descriptor)
-
-
 # ------------------------------------------------------------- inspection
 
 
-def _inspect_plan(trt: Any, logger: Any, captured: LogCapture, plan: bytes, *, version_compatible: bool = False) -> tuple[LayerInfo, ...]:
-    runtime = trt.Runtime(logger)
-    if version_compatible:
-        # A version-compatible plan embeds the lean runtime (host code); the runtime refuses
-        # it unless allowed (Polygraphy's EngineFromBytes does the same).
-        runtime.engine_host_code_allowed = True
-    engine = runtime.deserialize_cuda_engine(plan)
-    if engine is None:
-        raise PipelineError("TensorRT built a plan it cannot load back: "
-                            + ("; ".join(captured.errors[-5:]) or "(TensorRT logged no error)"))
+def load_engine(plan: bytes, captured: LogCapture, what: str) -> Any:
+    """ICudaEngine from plan bytes through Polygraphy's EngineFromBytes, which allows host code (a
+    version-compatible plan embeds the lean runtime) and initialises the plugins."""
+    from polygraphy.backend.trt import EngineFromBytes
+
+    with _polygraphy_errors(what, captured):
+        return EngineFromBytes(plan)()
+
+
+def _inspect_plan(captured: LogCapture, plan: bytes) -> tuple[LayerInfo, ...]:
+    import tensorrt as trt
+
+    engine = load_engine(plan, captured, "TensorRT built a plan it cannot load back")
+    # Our own: Polygraphy's inspect tool prints the inspector's text, it has no per-layer precision reader.
     inspector = engine.create_engine_inspector()
     return parse_engine_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 

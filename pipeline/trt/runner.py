@@ -1,29 +1,33 @@
 """TrtRunner: runs a TensorRT plan, predict(inputs) -> logits, like every runner.
 
-Device buffers are torch CUDA tensors (no pycuda): each input is copied to the
-GPU with the dtype the engine declares, bound with set_tensor_address, and
-the plan runs with execute_async_v3 on a torch CUDA stream. Batches larger
-than the engine's optimization profile allows are split; a chunk smaller
-than the profile's minimum (a static DLA batch) is padded and the padding dropped again.
-`tensorrt` and `torch.cuda` are imported only here, when a runner is made.
+Through Polygraphy: the plan is loaded with EngineFromBytes (host code allowed,
+so version-compatible plans load whatever their sidecar says) and run by
+Polygraphy's TrtRunner, whose device buffers, stream and output allocator use
+Polygraphy's own CUDA wrapper (libcudart through ctypes): no torch is needed on
+the device (defect 12: a Jetson does not get a CUDA torch from `pip install`).
+
+Ours, on top: batches larger than the engine's optimization profile allows are
+split, and a chunk smaller than the profile's minimum (a static DLA batch) is
+padded and the padding dropped again; inputs are cast to the types the engine
+declares (an 8.x engine takes INT32 token ids where the ONNX says INT64).
+`tensorrt` and Polygraphy are imported only here, when a runner is made.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from pipeline.errors import EngineRequired, PipelineError
-from pipeline.trt.engine import TensorRTLog, read_engine_metadata
+from pipeline.trt.engine import TensorRTLog, load_engine, quiet_polygraphy, read_engine_metadata
 
 Inputs = Mapping[str, np.ndarray]
 
 
 def trt_runner_status() -> tuple[bool, str]:
-    """(True, "") when a plan can run here: TensorRT plus a torch build with CUDA and a GPU."""
+    """(True, "") when a plan can run here: TensorRT, Polygraphy and the CUDA runtime library."""
     try:
         import tensorrt as trt
     except ImportError as error:
@@ -31,40 +35,17 @@ def trt_runner_status() -> tuple[bool, str]:
     if not hasattr(trt, "Runtime"):
         return False, "the 'tensorrt' module found is not TensorRT's runtime (only type stubs are installed)"
     try:
-        import torch
+        from polygraphy import cuda
+        from polygraphy.exception import PolygraphyException
     except ImportError as error:
-        return False, f"torch is not installed ({error})"
-    if not torch.cuda.is_available():
-        return False, ("torch cannot use a CUDA GPU here (CPU-only build or no GPU); on Jetson install NVIDIA's "
-                       "JetPack PyTorch wheel, or use `verify --runtime ort`")
+        return False, f"Polygraphy is not installed ({error}): pip install polygraphy"
+    try:
+        with quiet_polygraphy():
+            cuda.wrapper()
+    except (OSError, PolygraphyException) as error:
+        return False, (f"the CUDA runtime library (libcudart) cannot be loaded ({error}); on Jetson it comes with "
+                       "JetPack, or use `verify --runtime ort`")
     return True, ""
-
-
-@dataclass(frozen=True)
-class _Binding:
-    name: str
-    is_input: bool
-    dtype: Any  # torch dtype
-    shape: tuple[int, ...]  # -1 for dynamic axes
-    min_batch: int | None  # from the optimization profile (or the static shape), inputs only
-    max_batch: int | None
-
-
-def _torch_dtype(trt: Any, torch: Any, data_type: Any) -> Any:
-    table = {
-        trt.DataType.FLOAT: torch.float32,
-        trt.DataType.HALF: torch.float16,
-        trt.DataType.INT32: torch.int32,
-        trt.DataType.INT8: torch.int8,
-        trt.DataType.BOOL: torch.bool,
-    }
-    # INT64, BF16 and UINT8 I/O do not exist in every TensorRT version.
-    for trt_name, torch_type in (("INT64", torch.int64), ("BF16", torch.bfloat16), ("UINT8", torch.uint8)):
-        if hasattr(trt.DataType, trt_name):
-            table[getattr(trt.DataType, trt_name)] = torch_type
-    if data_type not in table:
-        raise PipelineError(f"engine I/O tensor type {data_type} has no torch equivalent")
-    return table[data_type]
 
 
 class TrtRunner:
@@ -75,64 +56,41 @@ class TrtRunner:
         if not ok:
             raise EngineRequired(f"cannot run a TensorRT plan here: {reason}")
         import tensorrt as trt
-        import torch
+        from polygraphy.backend.trt import TrtRunner as PolygraphyTrtRunner
+        from polygraphy.datatype import DataType
 
         self.name = name
         self.plan_path = Path(plan_path)
-        self._torch = torch
-        self._device = torch.device("cuda", 0)
-        # The process's one TensorRT logger: TensorRT keeps the first logger it is given
-        # (TensorRT#1475), so a private one here would starve later builds' error reports.
         trt_log = TensorRTLog.of(trt)
-        runtime = trt.Runtime(trt_log.logger)
-        version_compatible = bool(read_engine_metadata(self.plan_path).get("version_compatible"))
-        if version_compatible:
-            # A version-compatible plan embeds the lean runtime, which is host code: the runtime
-            # refuses it unless allowed (as Polygraphy's EngineFromBytes does for such plans).
-            runtime.engine_host_code_allowed = True
-        with trt_log.capture() as captured:
-            engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
-        if engine is None:
-            logged = "; ".join(captured.errors[-5:]) or "TensorRT logged no error"
-            hint = "" if version_compatible else (
-                " If it was built version-compatible (trtexec --versionCompatible), its sidecar "
-                f"{self.plan_path.name}.json must say \"version_compatible\": true so host code is allowed.")
-            raise PipelineError(f"{self.plan_path}: TensorRT {trt.__version__} cannot load this plan (built by another "
-                                "TensorRT version or for another GPU?); rebuild it with `python -m pipeline engine`. "
-                                f"TensorRT: {logged}.{hint}")
-        self._runtime = runtime  # the engine must not outlive its runtime
+        with trt_log.capture() as captured, quiet_polygraphy():
+            try:
+                engine = load_engine(self.plan_path.read_bytes(), captured,
+                                     f"{self.plan_path}: TensorRT {trt.__version__} cannot load this plan")
+            except PipelineError as error:
+                raise PipelineError(f"{error}\n(built by another TensorRT version or for another GPU?) "
+                                    "rebuild it with `python -m pipeline engine`") from None
+            self._runner = PolygraphyTrtRunner(engine, name=name)
+            self._runner.activate()
+            metadata = self._runner.get_input_metadata(use_numpy_dtypes=False)
         self._engine = engine
-        self._context = engine.create_execution_context()
-        self._stream = torch.cuda.Stream(device=self._device)
-        self._bindings = [self._binding(trt, torch, index) for index in range(engine.num_io_tensors)]
-        outputs = [b.name for b in self._bindings if not b.is_input]
+        self._dtypes = {key: DataType.to_dtype(DataType.from_dtype(meta.dtype), "numpy") for key, meta in metadata.items()}
+        self._limits = [_batch_limits(engine, key) for key in self._dtypes]
+        outputs = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)
+                   if engine.get_tensor_mode(engine.get_tensor_name(i)) == trt.TensorIOMode.OUTPUT]
         if not outputs:
+            self.close()
             raise PipelineError(f"{self.plan_path}: the engine has no outputs")
         self._output = output_name or ("logits" if "logits" in outputs else outputs[0])
-
-    def _binding(self, trt: Any, torch: Any, index: int) -> _Binding:
-        engine = self._engine
-        name = engine.get_tensor_name(index)
-        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-        shape = tuple(int(d) for d in engine.get_tensor_shape(name))
-        min_batch = max_batch = None
-        if is_input and shape and shape[0] < 0:
-            low, _opt, high = engine.get_tensor_profile_shape(name, 0)
-            min_batch, max_batch = int(tuple(low)[0]), int(tuple(high)[0])
-        elif is_input and shape:
-            min_batch = max_batch = shape[0]
-        dtype = _torch_dtype(trt, torch, engine.get_tensor_dtype(name))
-        return _Binding(name, is_input, dtype, shape, min_batch, max_batch)
+        self.metadata = read_engine_metadata(self.plan_path)
 
     @property
     def input_names(self) -> list[str]:
-        return [b.name for b in self._bindings if b.is_input]
+        return list(self._dtypes)
 
-    def _batch_limits(self) -> tuple[int, int]:
+    def _batch_range(self) -> tuple[int, int]:
         """(smallest, largest) batch one run accepts: the profile's range, or the static batch."""
-        inputs = [b for b in self._bindings if b.is_input]
-        lows = [b.min_batch for b in inputs if b.min_batch]
-        highs = [b.max_batch for b in inputs if b.max_batch]
+        lows = [low for low, _ in self._limits if low]
+        highs = [high for _, high in self._limits if high]
         return (max(lows) if lows else 1), (min(highs) if highs else 1 << 30)
 
     def predict(self, inputs: Inputs) -> np.ndarray:
@@ -140,36 +98,45 @@ class TrtRunner:
         if missing:
             raise PipelineError(f"{self.plan_path}: inputs {missing} missing (have {sorted(inputs)})")
         total = len(next(iter(inputs[name] for name in self.input_names)))
-        low, high = self._batch_limits()
+        low, high = self._batch_range()
         outputs = [self._run_chunk(chunk, low) for chunk in _chunks(inputs, self.input_names, total, high)]
         return np.concatenate(outputs, axis=0).astype(np.float32, copy=False)
 
     def _run_chunk(self, chunk: dict[str, np.ndarray], min_batch: int) -> np.ndarray:
-        torch = self._torch
         real = len(next(iter(chunk.values())))
         if real < min_batch:  # static-batch (DLA) engines, or a profile whose min is above 1
             chunk = {name: _pad_rows(array, min_batch) for name, array in chunk.items()}
-        context = self._context
-        keep_alive = []
-        with torch.cuda.stream(self._stream):
-            for binding in self._bindings:
-                if not binding.is_input:
-                    continue
-                buffer = torch.from_numpy(np.ascontiguousarray(chunk[binding.name])).to(self._device, dtype=binding.dtype)
-                keep_alive.append(buffer)  # the engine reads it asynchronously: keep it alive until synchronize()
-                context.set_input_shape(binding.name, tuple(buffer.shape))
-                context.set_tensor_address(binding.name, buffer.data_ptr())
-            results = {}
-            for binding in self._bindings:
-                if binding.is_input:
-                    continue
-                shape = tuple(int(d) for d in context.get_tensor_shape(binding.name))
-                results[binding.name] = torch.empty(shape, dtype=binding.dtype, device=self._device)
-                context.set_tensor_address(binding.name, results[binding.name].data_ptr())
-            if not context.execute_async_v3(self._stream.cuda_stream):
-                raise PipelineError(f"{self.plan_path}: TensorRT execution failed (execute_async_v3 returned False)")
-        self._stream.synchronize()
-        return results[self._output][:real].float().cpu().numpy()
+        feed = {name: np.ascontiguousarray(chunk[name], dtype=self._dtypes[name]) for name in self.input_names}
+        with quiet_polygraphy():
+            results = self._runner.infer(feed)
+        # Polygraphy reuses its output buffers between calls: copy.
+        return np.array(results[self._output][:real], dtype=np.float32, copy=True)
+
+    def close(self) -> None:
+        """Free the device buffers and the stream (Polygraphy's deactivate)."""
+        runner = getattr(self, "_runner", None)
+        if runner is not None and runner.is_active:
+            with quiet_polygraphy():
+                runner.deactivate()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: CUDA may be gone already
+            pass
+
+
+def _batch_limits(engine: Any, name: str) -> tuple[int | None, int | None]:
+    """(min, max) batch of one input: its profile's range when the batch axis is dynamic, else its static batch.
+
+    Our own TensorRT calls: Polygraphy's TrtRunner runs one batch as given and does not split or pad."""
+    shape = tuple(int(d) for d in engine.get_tensor_shape(name))
+    if not shape:
+        return None, None
+    if shape[0] >= 0:
+        return shape[0], shape[0]
+    low, _opt, high = engine.get_tensor_profile_shape(name, 0)
+    return int(tuple(low)[0]), int(tuple(high)[0])
 
 
 def _chunks(inputs: Inputs, names: list[str], total: int, limit: int) -> Iterator[dict[str, np.ndarray]]:
