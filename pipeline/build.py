@@ -30,6 +30,7 @@ from pipeline.data.base import Dataset
 from pipeline.data.calibration import CalibrationSet, load_calibration_set
 from pipeline.data.encode import Encoded
 from pipeline.data.splits import Splits
+from pipeline.distributed import init_from_env
 from pipeline.errors import EngineRequired, GateFailed, InputError, Interrupted
 from pipeline.fingerprint import code_fingerprint
 from pipeline.footprint import Footprint, onnx_footprint, torch_footprint
@@ -222,27 +223,23 @@ class Conductor:
 
     def _stored_logits(self, artifact: Artifact, split: str, how: dict, compute: Callable[[Encoded], np.ndarray]) -> np.ndarray:
         key = sha256_bytes(f"{artifact.sha256}|{self.splits.fingerprint(split)}|{artifact.kind}|{canonical_json(how)}".encode())
-        logits = self.store.cached_array(key)
-        if logits is None:
-            logits = compute(self.splits.get(split))
-            self.store.save_array(key, logits)
-        return logits
+        return self.store.stored_array(key, lambda: compute(self.splits.get(split)))
 
     def footprint(self, artifact: Artifact, counted_from: Footprint | None = None) -> Footprint:
         """Params, MACs, ONNX size and CPU latency of an artifact (cached by its content)."""
         spec, measure = self.splits.spec, self.config.measure_latency
         key = sha256_bytes(f"footprint|{artifact.sha256}|{canonical_json(spec.to_json())}|{measure}|{self.config.simplifier}".encode())
-        cached = self.store.cached_json(key)
-        if cached is not None:
+
+        def compute() -> dict:
+            self.say(f"  measuring the cost of {artifact.kind} artifact" + (" (ONNX Runtime CPU latency)" if measure else ""))
+            if artifact.kind == "torch":
+                return torch_footprint(artifact.path, spec, self.config.simplifier, measure).to_json()
+            return onnx_footprint(artifact.path, spec, counted_from, measure).to_json()
+
+        stored, reused = self.store.stored_json(key, compute)
+        if reused:
             self.reused_footprints.add(artifact.sha256)
-            return Footprint.from_json(cached)
-        self.say(f"  measuring the cost of {artifact.kind} artifact" + (" (ONNX Runtime CPU latency)" if measure else ""))
-        if artifact.kind == "torch":
-            found = torch_footprint(artifact.path, spec, self.config.simplifier, measure)
-        else:
-            found = onnx_footprint(artifact.path, spec, counted_from, measure)
-        self.store.save_json(key, found.to_json())
-        return found
+        return Footprint.from_json(stored)
 
     def labels(self) -> np.ndarray:
         return np.asarray([s.label for s in self.splits.dataset.split("eval")], dtype=np.int64)
@@ -360,11 +357,13 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
     (InputError) found before any stage made its artifact is the exception:
     nothing is written, so the out directory keeps the last build's manifest.
     """
-    store = Store(config.out, config.cache)
+    world = init_from_env()  # under torchrun: every process builds, rank 0 alone writes (Store)
+    store = Store(config.out, config.cache, world)
     with store.lock(wait=config.wait, on_wait=progress):
         started = time.perf_counter()  # after any wait for another build: wall_s is this build's own
-        machine = {**kernel_facts(), "allocator": allocator_facts()}  # the allocator changes speed, not bytes: not keyed
-        versions = tool_versions(machine)
+        machine = {**kernel_facts(), "allocator": allocator_facts(), "processes": world.size}  # the allocator changes speed, not bytes
+        # N data-parallel processes train other bytes than one (DistributedSampler's order): keyed apart; one process's keys as ever
+        versions = {**tool_versions(machine), **({"processes": str(world.size)} if world.active else {})}
         dataset = load_dataset(config.data)
         calibration = load_calibration_set(config.target.quantize.calibration, dataset)
         spec = model_input_spec(config.model, dataset, config.fusion, config.weights)
@@ -374,15 +373,20 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
 
         def finish(ending: Ending) -> dict[str, Any]:
             manifest = make_manifest(config, versions, machine, dataset, calibration, conductor, engine, ending, time.perf_counter() - started)
-            atomic_write_json(store.root / "manifest.json", manifest)
-            atomic_write_text(store.root / "report.md", report_markdown(manifest))
-            atomic_write_text(store.root / "report.html", report_html(manifest))
+            if world.is_writer:
+                atomic_write_json(store.root / "manifest.json", manifest)
+                atomic_write_text(store.root / "report.md", report_markdown(manifest))
+                atomic_write_text(store.root / "report.html", report_html(manifest))
             return manifest
 
         try:
             for name in config.target.passes:
                 conductor.run(PASSES[name].declare(context, conductor.artifacts))
-            engine = deploy(conductor, conductor.artifacts["quantize"])
+            if world.is_writer:  # the engine or the bundle: rank 0's alone, the others are done
+                conductor.store = store.solo()
+                engine = deploy(conductor, conductor.artifacts["quantize"])
+            else:
+                engine = {"status": "not-run", "reason": f"rank {world.rank} of {world.size}: rank 0 deploys"}
         except BaseException as error:
             if isinstance(error, InputError) and not conductor.results:
                 raise  # bad input before anything was built: the last build's manifest and report stay as they were

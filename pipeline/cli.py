@@ -170,7 +170,16 @@ def _build(config: Any, say: Any) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, work: Any, show: Any, attribute: str = "manifest") -> Any:
-    """Run a build (or a fleet) with the progress the flags ask for and SIGTERM as an interrupt; print its result however it ends."""
+    """Run a build (or a fleet) with the progress the flags ask for and SIGTERM as an interrupt; print its result however it ends.
+
+    Under torchrun every process runs the build and rank 0 alone speaks: the others print nothing (errors apart).
+    """
+    from pipeline.distributed import barrier, shutdown, world
+
+    speaks = world().is_writer
+    if not speaks:
+        args = argparse.Namespace(**{**vars(args), "quiet": True})
+        show = lambda result, as_json: None  # noqa: E731
     say, style = _progress(args)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -182,6 +191,9 @@ def _run(args: argparse.Namespace, work: Any, show: Any, attribute: str = "manif
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if world().active:
+            barrier()  # the others wait for rank 0's manifest: torchrun stops every process once one of them fails
+        shutdown()
     show(result, args.json)
     return result
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from pipeline.artifacts import Artifact
+from pipeline.distributed import World, barrier, broadcast_object
 from pipeline.errors import PipelineError
 
 ARTIFACT_RECORD = "artifact.json"
@@ -98,11 +99,23 @@ class Store:
 
     The cache lives in the out directory itself unless `cache` names another: the targets of a fleet
     build, or a CI's successive runs, share one cache, and a stage whose key is the same runs once.
+
+    Under torchrun (world.active) every process builds, and only rank 0 (the writer) writes: it holds
+    the locks, commits the entries and saves the measured outputs; the others run each stage's work
+    beside it (their trainings meet rank 0's in the all-reduce), discard what they made, and read
+    rank 0's entry once it is committed. Every method a build calls is called by every process in the
+    same order, so the meetings (a broadcast of rank 0's cache verdict, a barrier after each write)
+    pair up; the out directory and the cache must be on a file system every process sees.
     """
 
-    def __init__(self, root: Path, cache: Path | None = None):
+    def __init__(self, root: Path, cache: Path | None = None, world: World = World()):
         self.root = Path(root)
         self.cache_root = Path(cache) if cache is not None else self.root
+        self.world = world
+
+    def solo(self) -> "Store":
+        """This store for rank 0 alone (the deploy step, which the other processes do not take part in)."""
+        return Store(self.root, self.cache_root if self.cache_root != self.root else None)
 
     def relative(self, path: Path) -> str:
         """path as the manifest writes it: relative to the out directory (a shared cache's entries start with ..)."""
@@ -116,8 +129,11 @@ class Store:
         (on_wait hears one line naming the directory and the holder first), or with wait=False
         raise PipelineError at once, having changed nothing in the directory. A shared cache is
         locked for the whole build too: the sweep of a killed build's debris must never meet
-        another build's work in progress.
+        another build's work in progress. Under torchrun only rank 0 locks and sweeps.
         """
+        if not self.world.is_writer:
+            yield
+            return
         with contextlib.ExitStack() as held:
             if self.cache_root != self.root:
                 held.enter_context(_locked(self.cache_root, "stage cache", wait, on_wait))
@@ -142,7 +158,19 @@ class Store:
         return self.cache_root / "stages" / stage / key[:16]
 
     def cached(self, stage: str, key: str) -> Artifact | None:
-        """The artifact stored under key, if present and its bytes still match."""
+        """The artifact stored under key, if present and its bytes still match (rank 0's verdict, for every process)."""
+        found = self._entry(stage, key)
+        if not self.world.active:
+            return found
+        if not broadcast_object(found is not None):
+            return None
+        return found if found is not None else self._missing(stage)
+
+    def _missing(self, stage: str) -> Artifact:
+        raise PipelineError(f"rank {self.world.rank}: rank 0's '{stage}' entry is not in {self.cache_root / 'stages'} as this process sees it: "
+                            "under torchrun the out directory (and --cache) must be on a file system every process sees")
+
+    def _entry(self, stage: str, key: str) -> Artifact | None:
         entry = self.stage_dir(stage, key)
         record = entry / ARTIFACT_RECORD
         if not record.is_file():
@@ -159,7 +187,24 @@ class Store:
         return artifact
 
     def commit(self, stage: str, key: str, produce: Callable[[Path], Artifact]) -> Artifact:
-        """Run produce(workdir) in a temp dir, then move the finished entry into place."""
+        """Run produce(workdir) in a temp dir, then move the finished entry into place (rank 0's, for every process)."""
+        if not self.world.is_writer:
+            return self._follow(stage, key, produce)
+        artifact = self._commit(stage, key, produce)
+        barrier()  # the others read it now
+        return artifact
+
+    def _follow(self, stage: str, key: str, produce: Callable[[Path], Artifact]) -> Artifact:
+        """A process other than rank 0: do the stage's work beside rank 0 (its trainings need every process), keep rank 0's entry."""
+        work = Path(tempfile.mkdtemp(prefix=f"edgepipe-rank{self.world.rank}-{stage}-"))
+        try:
+            produce(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        barrier()  # rank 0 has committed
+        return self._entry(stage, key) or self._missing(stage)
+
+    def _commit(self, stage: str, key: str, produce: Callable[[Path], Artifact]) -> Artifact:
         final = self.stage_dir(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -178,6 +223,34 @@ class Store:
             shutil.rmtree(work, ignore_errors=True)
             raise
         return Artifact(kind=artifact.kind, path=final / relative, sha256=artifact.sha256, meta=artifact.meta)
+
+    def stored_array(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The array under key, computed (by rank 0 alone) and saved when absent: every process gets rank 0's."""
+        if self.world.is_writer:
+            array = self.cached_array(key)
+            if array is None:
+                array = compute()
+                self.save_array(key, array)
+        barrier()
+        if self.world.is_writer:
+            return array
+        found = self.cached_array(key)
+        if found is None:
+            raise PipelineError(f"rank {self.world.rank}: rank 0's outputs are not in {self.cache_root / 'outputs'} as this process sees it: "
+                                "under torchrun the out directory (and --cache) must be on a file system every process sees")
+        return found
+
+    def stored_json(self, key: str, compute: Callable[[], Any]) -> tuple[Any, bool]:
+        """The JSON value under key and whether an earlier build stored it; computed by rank 0 alone and saved when absent."""
+        value = self.cached_json(key) if self.world.is_writer else None
+        found = value is not None
+        if self.world.is_writer and value is None:
+            value = compute()
+            self.save_json(key, value)
+        barrier()
+        if not self.world.is_writer:
+            value = self.cached_json(key)
+        return value, found
 
     def cached_array(self, key: str) -> np.ndarray | None:
         """The array stored under key, if present and its bytes still match the sha256 written beside it."""

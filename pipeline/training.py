@@ -4,20 +4,67 @@ Pretrained encoders are frozen up to their split point, so their prefix
 outputs are computed once and the epochs only run the trainable suffix: that
 is what makes fine-tuning EfficientNet-Lite0 + MiniLM tails fit in a CPU
 budget. A model without prefix/suffix (a user's own) is trained end to end.
+
+Launched by torchrun (pipeline/distributed.py's world() has more than one process),
+train() and distill() run data-parallel: every rank computes the prefix outputs of
+every sample and evaluates the whole validation split itself, and the epochs are
+sharded by a DistributedSampler, each optimizer step one DistributedDataParallel step
+over the ranks' local batches. In one process none of it runs: no process group, no
+sampler, no DDP, the same randperm batches and the same bytes as before.
+
+How a run of N processes relates to a run of one (same seed, same settings):
+
+- Global batch: each rank takes batch_size // N samples a step, so a step sees
+  batch_size samples (N x (batch_size // N) when N does not divide it), and
+  DDP's all-reduce averages the ranks' gradients: the gradient of the global
+  batch's mean loss, up to float summation order. The one-cycle schedule spans
+  the steps the ranks actually take.
+- Order: the sampler shuffles each epoch with its own generator (seed + epoch)
+  where one process draws torch.randperm from the training generator, so the
+  batches differ from one process's (the results are not the same bytes, and
+  not the same accuracies). Rank r takes every N-th index of the permutation,
+  so each step's global batch is a contiguous run of it, as in one process;
+  when N does not divide the split, the sampler repeats the permutation's first
+  few samples to even the shards (one process has a short last batch instead).
+- Per-rank randomness: dropout masks and the distillation's mixed pairs are
+  drawn per rank (seeded seed + rank), as one process draws them independently
+  for every sample of its batch; a mixed pair joins an image and a text of the
+  same rank's local batch (one process pairs within the whole batch). Neither
+  changes how many passes a rank runs, so the ranks' collectives stay in step,
+  and the global RNG is restored afterwards, the same on every rank.
+- BatchNorm: the trained parts of the default model hold none in train mode
+  (EfficientNet's are frozen, MiniLM's norms are LayerNorms); fused-tiny's small
+  CNN does. Its batch statistics are the local batch's (SyncBatchNorm reduces
+  only GPU tensors); its running statistics are averaged over the ranks after
+  every epoch, which, the running update being linear, equals averaging them
+  after every step: the running mean follows the global batches' means, the
+  running variance the mean of the local batches' variances (a little under the
+  global batch's, which also counts the spread between the ranks' means).
+- Agreement: after each DDP step the ranks hold the same weights; each rank
+  measures the whole validation split and takes rank 0's measure, so all of
+  them keep the same checkpoint and stop at the same epoch (a rank stopping
+  alone would leave the others waiting in an all-reduce). The reported train
+  loss is the mean over the ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from pipeline.progress import track
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+
+from pipeline import distributed
+from pipeline.distributed import World
+from pipeline.progress import ProgressStyle, progress_style, track
 
 from pipeline.data.encode import Encoded
 from pipeline.settings import TrainSettings
@@ -156,14 +203,14 @@ def _trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn
     return tail, head
 
 
-def _optimizer(model: nn.Module, samples: int, settings: TrainSettings) -> tuple[torch.optim.Optimizer, Any]:
+def _optimizer(model: nn.Module, steps_per_epoch: int, settings: TrainSettings) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over the trainable parameters (head at settings.lr, encoder tails at encoder_lr), one-cycle over the budget."""
     tail, head = _trainable_parameters(model)
     for p in tail + head:
         p.requires_grad_(True)
     groups = [{"params": head, "lr": settings.lr}] + ([{"params": tail, "lr": settings.encoder_lr}] if tail else [])
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    steps = settings.epochs * max(1, -(-samples // settings.batch_size))
+    steps = settings.epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(steps, 1), pct_start=0.15)
     return optimizer, schedule
 
@@ -187,6 +234,119 @@ def _batches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Te
 def _epoch_batches(n: int, size: int, generator: torch.Generator, desc: str) -> Any:
     """One epoch's shuffled batches, tracked: a CI log hears from an epoch longer than the progress interval while it runs."""
     return track(_batches(n, size, generator), desc=desc, unit="batch", total=-(-n // size), leave=False, samples_per_step=size)
+
+
+class _BatchLoss(nn.Module):
+    """A batch's loss as a module's forward, for DDP to wrap.
+
+    The trained part of a split model is called through the model's own
+    methods (the encoders' suffix(), head()) on precomputed prefix outputs,
+    never through its forward, and DDP prepares its gradient all-reduce in the
+    forward of the module it wraps: so it wraps this, which owns the model
+    (its trainable parameters are the ones DDP reduces; frozen ones, with
+    requires_grad False, it leaves alone) and whose forward is the loss.
+    """
+
+    def __init__(self, model: nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.loss_of = loss_of
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return self.loss_of(index)
+
+
+class _OneProcess:
+    """The epochs of a process training alone: the shared generator's randperm batches, the loss called directly (as always)."""
+
+    def __init__(self, samples: int, settings: TrainSettings, generator: torch.Generator):
+        self.samples, self.batch_size, self.generator = samples, settings.batch_size, generator
+        self.steps_per_epoch = max(1, -(-samples // settings.batch_size))
+        self.mixed_generator = generator  # distill's mixed pairs draw from the batches' generator, between batches
+
+    def batches(self, epoch: int, desc: str) -> Any:
+        return _epoch_batches(self.samples, self.batch_size, self.generator, desc)
+
+    def parallel(self, model: nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        return loss_of
+
+    def own_randomness(self) -> ContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def epoch_loss(self, losses: list[float]) -> float:
+        return float(np.mean(losses))
+
+    def settle(self, model: nn.Module) -> None:
+        """Nothing to agree on alone."""
+
+    def agreed(self, value: Any) -> Any:
+        return value
+
+
+class _DataParallel:
+    """One rank's epochs: its shard of each epoch, DDP steps, and what the ranks agree on after an epoch (see the module docstring)."""
+
+    def __init__(self, world: World, samples: int, settings: TrainSettings):
+        if settings.batch_size < world.size:
+            raise ValueError(f"batch_size {settings.batch_size} is smaller than the {world.size} processes: each needs a sample a step")
+        self.world, self.seed = world, settings.seed
+        self.batch_size = settings.batch_size // world.size  # the global batch is the one-process batch
+        # only len() of the data set is read: the sampler deals out indices into the features
+        self.sampler = DistributedSampler(range(samples), num_replicas=world.size, rank=world.rank, shuffle=True, seed=settings.seed)
+        self.steps_per_epoch = max(1, -(-self.sampler.num_samples // self.batch_size))  # every rank's shard is num_samples long
+        # per rank by design: the draws only pick pairs within the local batch, never how many passes a rank runs
+        self.mixed_generator = torch.Generator().manual_seed(settings.seed + world.rank)
+
+    def batches(self, epoch: int, desc: str) -> Any:
+        self.sampler.set_epoch(epoch)
+        shard = torch.tensor(list(self.sampler), dtype=torch.int64)
+        local = [shard[start:start + self.batch_size] for start in range(0, len(shard), self.batch_size)]
+        return track(local, desc=desc, unit="batch", total=len(local), leave=False, samples_per_step=self.batch_size * self.world.size)
+
+    def parallel(self, model: nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        # find_unused_parameters for a model trained end to end (a user's) only: it may hold parameters its loss
+        # never reaches, which DDP would wait for forever (globally unused ones keep grad None, as in one process).
+        # A split model's loss reaches every trained parameter (the suffixes run whole, the head is fusion +
+        # classifier), and the flag would cost a graph traversal a step and a warning from DDP.
+        # forward_sync_buffers off: each rank's BatchNorm running statistics follow its own batches until settle().
+        return DistributedDataParallel(_BatchLoss(model, loss_of), find_unused_parameters=not _has_split(model), forward_sync_buffers=False)
+
+    @contextlib.contextmanager
+    def own_randomness(self) -> Iterator[None]:
+        """Dropout draws its own masks on each rank; the global RNG is the same on every rank again afterwards."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + self.world.rank)
+            yield
+
+    def epoch_loss(self, losses: list[float]) -> float:
+        mean = torch.tensor([float(np.mean(losses))], dtype=torch.float64)
+        distributed.average_in_place([mean])
+        return float(mean)
+
+    def settle(self, model: nn.Module) -> None:
+        """Average the BatchNorm running statistics the ranks' local batches moved apart (the weights agree already)."""
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        stats = [s for m in norms for s in (m.running_mean, m.running_var) if s is not None]
+        if not stats:
+            return
+        # in float64 the mean of N equal float32 values is exactly that value: a statistic no rank moved
+        # (a BatchNorm the loss never runs) keeps its bytes
+        mean = torch.cat([s.detach().flatten().double() for s in stats])
+        distributed.average_in_place([mean])
+        for s, part in zip(stats, mean.split([s.numel() for s in stats])):
+            s.copy_(part.view_as(s))
+
+    def agreed(self, value: Any) -> Any:
+        return distributed.broadcast_object(value)
+
+
+def _epochs_plan(world: World, samples: int, settings: TrainSettings, generator: torch.Generator) -> _OneProcess | _DataParallel:
+    return _DataParallel(world, samples, settings) if world.active else _OneProcess(samples, settings, generator)
+
+
+def _shown_here(world: World) -> ContextManager[Any]:
+    """Progress from rank 0 alone: the other ranks run the same loops, quietly."""
+    return contextlib.nullcontext() if world.is_writer else progress_style(ProgressStyle(form="quiet"))
 
 
 def _logits_in_order(model: nn.Module, features: _Features, batch_size: int) -> torch.Tensor:
@@ -242,7 +402,16 @@ def train(
     stop_when(val_accuracy) ends training early once it returns True (before
     the first epoch too: a model already good enough is not trained);
     prefix_cache reuses frozen-prefix outputs an earlier training of the same build computed.
+    Under torchrun it trains data-parallel (see the module docstring); every rank returns the same model.
     """
+    world = distributed.init_from_env()
+    with _shown_here(world):
+        return _train(world, model, train_data, val_data, settings, teacher_logits, stop_when, desc, prefix_cache)
+
+
+def _train(world: World, model: nn.Module, train_data: Encoded, val_data: Encoded, settings: TrainSettings,
+           teacher_logits: np.ndarray | None, stop_when: Callable[[float], bool] | None, desc: str,
+           prefix_cache: PrefixCache | None) -> tuple[nn.Module, TrainReport]:
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     model.eval()
@@ -250,31 +419,38 @@ def train(
         p.requires_grad_(False)
     train_features = _Features(model, train_data, settings.batch_size, f"{desc}: encoding train", prefix_cache)
     val_features = _Features(model, val_data, settings.batch_size, f"{desc}: encoding val", prefix_cache)
-    optimizer, schedule = _optimizer(model, len(train_features), settings)
+    plan = _epochs_plan(world, len(train_features), settings, generator)
+    optimizer, schedule = _optimizer(model, plan.steps_per_epoch, settings)
     teacher = torch.from_numpy(teacher_logits).float() if teacher_logits is not None else None
 
+    def batch_loss(index: torch.Tensor) -> torch.Tensor:
+        return _loss(train_features.logits(model, index), train_features.labels[index], teacher[index] if teacher is not None else None, settings)
+
+    step_loss = plan.parallel(model, batch_loss)
     best_state = copy.deepcopy(model.state_dict())
-    best_acc, best_epoch, history = evaluate_accuracy(model, val_features, settings.batch_size), 0, []
+    best_acc, best_epoch, history = plan.agreed(evaluate_accuracy(model, val_features, settings.batch_size)), 0, []
     initial_acc = best_acc
     already_there = stop_when is not None and stop_when(initial_acc)
     bar = track(range(1, 0 if already_there else settings.epochs + 1), desc=desc, unit="epoch", samples_per_step=len(train_features))
-    for epoch in bar:
-        _set_train_mode(model)
-        losses = []
-        for index in _epoch_batches(len(train_features), settings.batch_size, generator, f"{desc}: epoch {epoch}"):
-            loss = _loss(train_features.logits(model, index), train_features.labels[index], teacher[index] if teacher is not None else None, settings)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-        val_acc = evaluate_accuracy(model, val_features, settings.batch_size)
-        history.append((float(np.mean(losses)), val_acc))
-        bar.set_postfix(loss=f"{history[-1][0]:.3f}", val_acc=f"{val_acc:.3f}")
-        if val_acc > best_acc:
-            best_acc, best_epoch, best_state = val_acc, epoch, copy.deepcopy(model.state_dict())
-        if stop_when is not None and stop_when(val_acc):
-            break
+    with plan.own_randomness():
+        for epoch in bar:
+            _set_train_mode(model)
+            losses = []
+            for index in plan.batches(epoch, f"{desc}: epoch {epoch}"):
+                loss = step_loss(index)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(float(loss.detach()))
+            plan.settle(model)
+            val_acc = plan.agreed(evaluate_accuracy(model, val_features, settings.batch_size))
+            history.append((plan.epoch_loss(losses), val_acc))
+            bar.set_postfix(loss=f"{history[-1][0]:.3f}", val_acc=f"{val_acc:.3f}")
+            if val_acc > best_acc:
+                best_acc, best_epoch, best_state = val_acc, epoch, copy.deepcopy(model.state_dict())
+            if stop_when is not None and stop_when(val_acc):
+                break
     model.load_state_dict(best_state)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -400,7 +576,16 @@ def distill(
     split is crossed by noise): training runs the epoch budget, or ends when
     the validation KL to the teacher has not improved for `patience` epochs,
     and the checkpoint with the lowest validation KL is kept.
+
+    Under torchrun it trains data-parallel (see the module docstring); every rank returns the same model.
     """
+    world = distributed.init_from_env()
+    with _shown_here(world):
+        return _distill(world, model, teacher, train_data, val_data, settings, patience, mixed_share, desc, prefix_cache)
+
+
+def _distill(world: World, model: nn.Module, teacher: nn.Module, train_data: Encoded, val_data: Encoded, settings: TrainSettings,
+             patience: int, mixed_share: float, desc: str, prefix_cache: PrefixCache | None) -> tuple[nn.Module, DistillReport]:
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     for network in (model, teacher):
@@ -424,34 +609,41 @@ def distill(
         teacher_val = prefix_cache.teacher(teacher, val_data, settings.batch_size, "logits", teacher_logits)
     if answers.features.split != student_train.split:
         raise ValueError("distill needs a teacher and a student that both split into prefix and suffix, or neither")
-    optimizer, schedule = _optimizer(model, len(student_train), settings)
+    plan = _epochs_plan(world, len(student_train), settings, generator)
+    optimizer, schedule = _optimizer(model, plan.steps_per_epoch, settings)
 
     def measure() -> Fidelity:
-        return fidelity(_logits_in_order(model, student_val, settings.batch_size), teacher_val, student_val.labels)
+        return plan.agreed(fidelity(_logits_in_order(model, student_val, settings.batch_size), teacher_val, student_val.labels))
 
+    def batch_loss(index: torch.Tensor) -> torch.Tensor:
+        return _student_loss(model, student_train, index, answers, settings, mixed_share, plan.mixed_generator)
+
+    step_loss = plan.parallel(model, batch_loss)
     best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
     initial = best = measure()
     history: list[tuple[float, Fidelity]] = []
     stopped = "budget"
     bar = track(range(1, settings.epochs + 1), desc=desc, unit="epoch", samples_per_step=len(student_train))
-    for epoch in bar:
-        _set_train_mode(model)
-        losses = []
-        for index in _epoch_batches(len(student_train), settings.batch_size, generator, f"{desc}: epoch {epoch}"):
-            loss = _student_loss(model, student_train, index, answers, settings, mixed_share, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-        current = measure()
-        history.append((float(np.mean(losses)), current))
-        bar.set_postfix(loss=f"{history[-1][0]:.3f}", val_kl=f"{current.kl:.4f}", val_agree=f"{current.agreement:.3f}")
-        if current.kl < best.kl:
-            best, best_epoch, best_state = current, epoch, copy.deepcopy(model.state_dict())
-        if epoch - best_epoch >= patience:
-            stopped = "plateau"
-            break
+    with plan.own_randomness():
+        for epoch in bar:
+            _set_train_mode(model)
+            losses = []
+            for index in plan.batches(epoch, f"{desc}: epoch {epoch}"):
+                loss = step_loss(index)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(float(loss.detach()))
+            plan.settle(model)
+            current = measure()
+            history.append((plan.epoch_loss(losses), current))
+            bar.set_postfix(loss=f"{history[-1][0]:.3f}", val_kl=f"{current.kl:.4f}", val_agree=f"{current.agreement:.3f}")
+            if current.kl < best.kl:
+                best, best_epoch, best_state = current, epoch, copy.deepcopy(model.state_dict())
+            if epoch - best_epoch >= patience:
+                stopped = "plateau"
+                break
     model.load_state_dict(best_state)
     for p in model.parameters():
         p.requires_grad_(False)
