@@ -20,21 +20,24 @@ import torch
 from torch import nn
 
 from pipeline.artifacts import Artifact
-from pipeline.data.encode import INPUT_NAMES, InputSpec
+from pipeline.data.encode import InputSpec
 from pipeline.errors import PipelineError
+from pipeline.onnx_compat import Lowering, lower
 from pipeline.store import sha256_file
 
 OPSET = 18
 EXAMPLE_BATCH = 2
 
 
-def example_inputs(spec: InputSpec, batch: int = EXAMPLE_BATCH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def example_inputs(spec: InputSpec, batch: int = EXAMPLE_BATCH) -> tuple[torch.Tensor, ...]:
+    """The model's inputs (spec.roles, in its forward's order); every role is drawn, so each keeps the same values."""
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=generator)
-    input_ids = torch.randint(1000, 2000, (batch, spec.max_tokens), generator=generator)
+    input_ids = torch.randint(*spec.example_token_range(), (batch, spec.max_tokens), generator=generator)
     attention_mask = torch.ones(batch, spec.max_tokens, dtype=torch.int64)
     attention_mask[:, spec.max_tokens // 2:] = 0
-    return image, input_ids, attention_mask
+    by_role = {"image": image, "input_ids": input_ids, "attention_mask": attention_mask}
+    return tuple(by_role[role] for role in spec.roles)
 
 
 def simplify_onnxsim(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -54,7 +57,7 @@ SIMPLIFIERS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
 
 def _export_dynamo(model: nn.Module, spec: InputSpec, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic_shapes = {"image": {0: batch}, "input_ids": {0: batch}, "attention_mask": {0: batch}}
+    dynamic_shapes = {name: {0: batch} for name in spec.input_names}  # keyed by the forward's argument names
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -62,7 +65,7 @@ def _export_dynamo(model: nn.Module, spec: InputSpec, path: Path) -> None:
             model.eval(),
             example_inputs(spec),
             str(path),
-            input_names=list(INPUT_NAMES),
+            input_names=list(spec.input_names),
             output_names=["logits"],
             dynamic_shapes=dynamic_shapes,
             opset_version=OPSET,
@@ -83,12 +86,16 @@ def _strip_nondeterminism(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def export_onnx(model: nn.Module, spec: InputSpec, workdir: Path, simplifier: str = "onnxsim") -> Artifact:
+def export_onnx(model: nn.Module, spec: InputSpec, workdir: Path, simplifier: str = "onnxsim",
+                lowering: Lowering | None = None) -> Artifact:
+    """lowering: the rewrite an older parser needs (pipeline/onnx_compat.py); None keeps the opset-18 export as it is."""
     raw = workdir / "raw.onnx"
     _export_dynamo(model, spec, raw)
     graph = onnx.load(str(raw))
     raw.unlink()
     graph = _strip_nondeterminism(SIMPLIFIERS[simplifier](graph))
+    if lowering is not None:
+        graph = lower(graph, lowering)
     onnx.checker.check_model(graph)
     path = workdir / "model.fp32.onnx"
     onnx.save(graph, str(path))

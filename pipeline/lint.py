@@ -42,7 +42,17 @@ SOURCE_INT64 = "onnx-tensorrt docs/operators.md (8.5): INT64 is cast down to INT
 SOURCE_DOUBLE = "onnx-tensorrt docs/operators.md: DOUBLE is cast down to FLOAT, clamped to +-FLT_MAX"
 SOURCE_QDQ_BIAS = "onnx-tensorrt#850, onnxruntime#17738: ONNX Runtime's INT32 bias DequantizeLinear fails TensorRT's parser"
 SOURCE_QDQ_8X_WEIGHTS = ("onnx-tensorrt#850 (maintainer: DequantizeLinear inputs must be floating-point 'activation' types "
-                         "in TensorRT 8.x), onnxruntime#14229; pre-quantized weights arrive with TensorRT 10's Q/DQ support")
+                         "in TensorRT 8.x), onnxruntime#14229 (TensorRT 8.5: '..._DequantizeLinear: only activation types allowed "
+                         "as input to this layer' for an INT8 initializer), onnxruntime#11535 and Sparsebit#16 (8.0/8.2: "
+                         "'invalid weights type of Int8'); pre-quantized weights into DequantizeLinear are documented by TensorRT "
+                         "10's developer guide (Explicit Quantization, 'Quantized Weights')")
+# The first TensorRT whose builder takes INT8 constants as a DequantizeLinear's input. 8.x (8.5 on JetPack 5.1,
+# 8.6.2 on JetPack 6.0) refuses them (SOURCE_QDQ_8X_WEIGHTS); 10.x documents them. 9.x (data-centre only, never on
+# a JetPack) is UNCONFIRMED either way and counted with 10, as this rule always did. Shared with the quantize stage
+# (pipeline/quantization/weight_form.py), which writes float weights -> QuantizeLinear -> DequantizeLinear below it.
+PREQUANTIZED_WEIGHTS_SINCE = (9, 0)
+# The integer weight types a DequantizeLinear of TensorRT < PREQUANTIZED_WEIGHTS_SINCE cannot read from a constant.
+_PREQUANTIZED_WEIGHT_TYPES = (np.int8, np.uint8)
 SOURCE_PROFILE = "TensorRT optimization profiles: every dynamic input dimension needs min/opt/max; the target gives only the batch"
 SOURCE_DLA = "NVIDIA TensorRT 'DLA Supported Layers and Restrictions'"
 SOURCE_DLA_QDQ = ("TensorRT#2222 (maintainers: DLA does not support QAT/explicit quantization; convert to implicit), "
@@ -138,6 +148,12 @@ class OperatorTable:
     unsupported: frozenset[str]
     since: Mapping[str, str]
     max_opset: int | None
+    min_opset: int | None = None
+
+    def parses(self, op: str, tensorrt: str) -> bool:
+        """Whether this TensorRT's parser imports op (a default-domain op; `since` checked by minor version)."""
+        since = self.since.get(op)
+        return op in self.supported and not (since and version_tuple(tensorrt) < version_tuple(since))
 
 
 @lru_cache(maxsize=1)
@@ -158,7 +174,7 @@ def operator_table(tensorrt_version: str) -> OperatorTable:
     max_opset = max(limits, key=lambda item: version_tuple(item[0]))[1] if limits else None
     return OperatorTable(major=version[0], doc=entry["doc"], supported=frozenset(data["supported"]),
                          unsupported=frozenset(data["unsupported"]), since=dict(data.get("since", {})),
-                         max_opset=max_opset)
+                         max_opset=max_opset, min_opset=data.get("min_opset"))
 
 
 def dla_supported_ops() -> frozenset[str]:
@@ -430,22 +446,29 @@ def _check_weighted_ops(graph: _Graph) -> Iterator[Finding]:
                           SOURCE_QDQ_PLACEMENT)
 
 
-def _check_prequantized_weights(graph: _Graph, node: Any, major: int) -> Iterator[Finding]:
-    """TensorRT 8.x: a DequantizeLinear must dequantize a QuantizeLinear's output, not INT8 constants."""
+def takes_prequantized_weights(tensorrt: str) -> bool:
+    """Whether this TensorRT's DequantizeLinear may read INT8 constants (else: float weights -> Q -> DQ)."""
+    return version_tuple(tensorrt) >= PREQUANTIZED_WEIGHTS_SINCE
+
+
+def _check_prequantized_weights(graph: _Graph, node: Any, tensorrt: str) -> Iterator[Finding]:
+    """TensorRT 8.x: a DequantizeLinear must dequantize a QuantizeLinear's output, not INT8 (or UINT8) constants."""
     data = graph.constants.get(node.input[0])
-    if major < 9 and node.op_type == "DequantizeLinear" and data is not None and data.dtype == np.int8:
+    if (node.op_type == "DequantizeLinear" and data is not None and data.dtype in _PREQUANTIZED_WEIGHT_TYPES
+            and not takes_prequantized_weights(tensorrt)):
         yield Finding("error", "qdq-prequantized-weight", _label(node), node.op_type,
-                      f"dequantizes the INT8 constant '{node.input[0]}'; TensorRT 8.x takes float weights followed by "
-                      "QuantizeLinear -> DequantizeLinear (ONNX Runtime quantize_static: extra_options AddQDQPairToWeight=True)",
+                      f"dequantizes the {data.dtype.name.upper()} constant '{node.input[0]}'; TensorRT {tensorrt} takes float "
+                      "weights followed by QuantizeLinear -> DequantizeLinear (ONNX Runtime quantize_static: extra_options "
+                      "AddQDQPairToWeight=True; edgepipe's quantize stage writes this form for such targets)",
                       SOURCE_QDQ_8X_WEIGHTS)
 
 
-def _check_qdq(model: Any, major: int) -> Iterator[Finding]:
+def _check_qdq(model: Any, tensorrt: str) -> Iterator[Finding]:
     graph = _Graph(model.graph)
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             yield from _check_quantize_params(graph, node)
-            yield from _check_prequantized_weights(graph, node, major)
+            yield from _check_prequantized_weights(graph, node, tensorrt)
             yield from _check_qdq_placement(graph, node)
     yield from _check_weighted_ops(graph)
 
@@ -468,7 +491,7 @@ def lint_model(model: Any, target: Target, model_name: str = "model.onnx") -> Li
         *_check_dynamic_dims(model, target),
         *_check_dla(model, target),
         *_check_dla_qdq(model, target),
-        *_check_qdq(model, table.major),
+        *_check_qdq(model, tensorrt),
     ]
     order = {"error": 0, "warning": 1, "info": 2}
     findings.sort(key=lambda f: order[f.severity])

@@ -63,6 +63,16 @@ class Quantize:
 
 
 @dataclass(frozen=True)
+class Export:
+    """How the ONNX export is shaped for the target's parser (pipeline/onnx_compat.py)."""
+
+    # The newest default-domain opset the export may use. None: the one the target's TensorRT parser
+    # documents (pipeline/trt_onnx_ops.toml `max_opset`; 17 for TensorRT 8.5), else the exporter's own (18).
+    # Below 18 the export is converted, and ops that parser lacks (LayerNormalization before 8.6) decomposed.
+    max_opset: int | None = None
+
+
+@dataclass(frozen=True)
 class Batch:
     min: int = 1
     opt: int = 8
@@ -154,6 +164,7 @@ class Target:
     aliases: tuple[str, ...] = ()
     precision: Literal["int8", "fp16", "fp32"] = "int8"
     quantize: Quantize = field(default_factory=Quantize)
+    export: Export = field(default_factory=Export)
     builder: Builder = field(default_factory=Builder)
     compression: Compression = field(default_factory=Compression)
     gates: Gates = field(default_factory=Gates)
@@ -241,6 +252,9 @@ def _check_consistency(target: Target, where: str) -> None:
         raise InputError(f"{where}: DLA needs static shapes: builder.batch min, opt and max must be equal")
     if target.software.runtime == "tensorrt" and not target.software.tensorrt:
         raise InputError(f"{where}: software.runtime = 'tensorrt' needs software.tensorrt (the version the device ships)")
+    if target.export.max_opset is not None and target.export.max_opset < 1:
+        raise InputError(f"{where}: export.max_opset = {target.export.max_opset} must be an ONNX opset (>= 1); leave it out "
+                         "for the one the target's TensorRT parser documents")
     if not 0 <= target.builder.optimization_level <= 5:
         raise InputError(f"{where}: builder.optimization_level must be 0..5")
     _check_device_and_tensorrt(target, where)

@@ -22,6 +22,7 @@ import onnx
 from pipeline.quantization.embedding import EmbeddingForm, quantize_embedding
 from pipeline.quantization.placement import Region
 from pipeline.quantization.topology import sort_nodes_topologically
+from pipeline.quantization.weight_form import FLOAT_QDQ, WeightForm, requantize_from_float
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,11 @@ def _quantize_ops(model: Any, regions: Sequence[Region], ranges: Any, form: Form
 
 
 def write_qdq(prepared: Path, regions: Sequence[Region], quantized: Collection[str], ranges: Any, form: Form,
-              output: Path) -> Path:
-    """The prepared model with the regions named in `quantized` in INT8 (the rest float), saved to output."""
+              output: Path, weights: WeightForm | None = None) -> Path:
+    """The prepared model with the regions named in `quantized` in INT8 (the rest float), saved to output.
+
+    weights: None keeps the weights INT8 initializers; FLOAT_QDQ writes them float -> QuantizeLinear ->
+    DequantizeLinear (TensorRT 8.x, weight_form.py), the same numbers."""
 
     model = onnx.load(str(prepared))
     chosen = [region for region in regions if region.name in quantized]
@@ -111,6 +115,8 @@ def write_qdq(prepared: Path, regions: Sequence[Region], quantized: Collection[s
         if region.kind == "embedding":
             quantize_embedding(model, region.name, form.embedding_form)
     model.producer_name, model.producer_version = "edgepipe", ""
+    if weights == FLOAT_QDQ:
+        requantize_from_float(model)  # TensorRT 8.x reads no INT8 constants: float -> Q -> DQ, the same numbers
     # QDQQuantizer appends its Q/DQ nodes to the end of graph.node; its own save (quantize_static's) would sort
     # them, ours must: the ONNX spec, onnx.checker (full_check) and TensorRT-side tools read nodes in file order
     sort_nodes_topologically(model.graph)

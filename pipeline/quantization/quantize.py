@@ -28,6 +28,7 @@ from pipeline.quantization.evaluate import Evaluation, Evaluator, TuningEvaluato
 from pipeline.quantization.fallback import FallbackResult, accuracy_aware_fallback, summary
 from pipeline.quantization.placement import PLACEMENT_RULE, Region, find_regions, name_unnamed_nodes
 from pipeline.quantization.qdq import FORMS, Form, quiet, write_qdq
+from pipeline.quantization.weight_form import WEIGHT_FORM_RULE, WeightForm
 from pipeline.export import onnx_facts
 from pipeline.store import sha256_file
 from pipeline.targets import Quantize
@@ -72,8 +73,9 @@ class _CandidateBuilder:
     """Writes (once) the INT8 model with a given set of regions kept in float."""
 
     def __init__(self, prepared: Path, regions: list[Region], ranges: dict[str, TensorRange], form: Form,
-                 method: str, directory: Path):
+                 method: str, directory: Path, weights: WeightForm | None = None):
         self.prepared, self.regions, self.form, self.directory = prepared, regions, form, directory
+        self.weights = weights  # every candidate is written in the form that ships, so the fallback measures that
         self.ranges = to_tensors_data(ranges, method)
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -82,7 +84,7 @@ class _CandidateBuilder:
         path = self.directory / f"candidate-{key}.onnx"
         if not path.exists():
             quantized = {region.name for region in self.regions} - floats
-            write_qdq(self.prepared, self.regions, quantized, self.ranges, self.form, path)
+            write_qdq(self.prepared, self.regions, quantized, self.ranges, self.form, path, self.weights)
         return path
 
 
@@ -98,7 +100,8 @@ def _float_region_rows(result: FallbackResult) -> list[dict[str, Any]]:
 
 
 def quantize(fp32: Artifact, calibration: Encoded, settings: Quantize, workdir: Path,
-             evaluator: Evaluator | None = None) -> Artifact:
+             evaluator: Evaluator | None = None, weights: WeightForm | None = None) -> Artifact:
+    """weights: None writes INT8 weight initializers; FLOAT_QDQ float weights -> Q -> DQ (weight_form.py)."""
     form = FORMS[settings.form]
     scratch = workdir / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
@@ -108,7 +111,7 @@ def quantize(fp32: Artifact, calibration: Encoded, settings: Quantize, workdir: 
                            fuse_activations=form.fuse_activations, float_residual_writers=form.float_residual_writers)
     ranges = calibrate(prepared, _calibrated_tensors(regions, form), calibration, settings.method,
                        symmetric=form.symmetric_activations, percentile=settings.percentile)
-    build = _CandidateBuilder(prepared, regions, ranges, form, settings.method, scratch / "candidates")
+    build = _CandidateBuilder(prepared, regions, ranges, form, settings.method, scratch / "candidates", weights)
     result: FallbackResult | None = None
     if isinstance(evaluator, TuningEvaluator):  # measure the candidates as the deploy runtime computes them
         evaluator = evaluator.with_session_config(form.ort_session_config)
@@ -123,6 +126,8 @@ def quantize(fp32: Artifact, calibration: Encoded, settings: Quantize, workdir: 
     shutil.copyfile(chosen, output)
     shutil.rmtree(scratch)
     meta = _meta(output, settings, form, calibration, regions, ranges, result)
+    if weights is not None:  # only then: other targets' meta stays as it was
+        meta.update({"weight_form": weights, "weight_form_rule": WEIGHT_FORM_RULE})
     return Artifact(kind="onnx", path=output, sha256=sha256_file(output), meta=meta)
 
 

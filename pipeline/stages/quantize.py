@@ -10,6 +10,7 @@ from pipeline.artifacts import Artifact
 from pipeline.parity import Gate
 from pipeline.quantization.evaluate import make_evaluator
 from pipeline.quantization.quantize import ALGORITHM, quantize
+from pipeline.quantization.weight_form import WeightForm, weight_form_for
 from pipeline.stages.base import Context, Measure, Pass
 from pipeline.targets import Quantize
 
@@ -30,6 +31,24 @@ class QuantizeConfig:
     tuning_reference: str  # sha256 of the torch model whose calib answers the fallback tunes towards
 
 
+@dataclass(frozen=True)
+class FloatWeightQuantizeConfig(QuantizeConfig):
+    """The config of an INT8 model whose weights are float -> QuantizeLinear -> DequantizeLinear (TensorRT 8.x).
+
+    A class of its own, as export's LoweredExportConfig is, so that targets whose TensorRT reads INT8 weight
+    initializers keep QuantizeConfig's fields exactly, and with them their cache key's settings and their bytes."""
+
+    weights: WeightForm
+
+
+def quantize_config(ctx: Context, gate: Gate, torch_model: Artifact) -> QuantizeConfig:
+    target, calibration = ctx.target, ctx.calibration
+    fields = (target.quantize, ALGORITHM, (calibration.name, calibration.sha256), ctx.splits.fingerprint(TUNING_SPLIT), gate,
+              torch_model.sha256)
+    weights = weight_form_for(target)  # from the lint's fact (pipeline.lint.takes_prequantized_weights)
+    return QuantizeConfig(*fields) if weights is None else FloatWeightQuantizeConfig(*fields, weights)
+
+
 def tuning_gate(gate: Gate) -> Gate:
     """What the fallback tunes to on calib: the point estimates (an interval on 284 samples would never close), with margin."""
     agreement = None if gate.min_agreement is None else min(1.0, gate.min_agreement + TUNING_AGREEMENT_MARGIN)
@@ -41,13 +60,13 @@ def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:
     torch_model = [artifact for artifact in done.values() if artifact.kind == "torch"][-1]  # the model export was given
     target, calibration = ctx.target, ctx.calibration
     gate = tuning_gate(target.gates.quantize)
-    config = QuantizeConfig(target.quantize, ALGORITHM, (calibration.name, calibration.sha256), ctx.splits.fingerprint(TUNING_SPLIT), gate,
-                            torch_model.sha256)
+    config = quantize_config(ctx, gate, torch_model)
+    weights = config.weights if isinstance(config, FloatWeightQuantizeConfig) else None
 
     def run(workdir):
         samples = ctx.splits.get(calibration.split).select_ids(calibration.ids)
         reference = ctx.logits(torch_model, TUNING_SPLIT, Measure("torch", reach=target.compression))
         evaluator = make_evaluator(ctx.splits.get(TUNING_SPLIT), reference, gate)
-        return quantize(fp32, samples, target.quantize, workdir, evaluator=evaluator)
+        return quantize(fp32, samples, target.quantize, workdir, evaluator=evaluator, weights=weights)
 
     return Pass("quantize", config, fp32.sha256, run, Measure("onnxruntime"), code=__name__, gate="quantize")
