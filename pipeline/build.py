@@ -74,6 +74,7 @@ class BuildConfig:
     model: str = "fused-effnet-minilm"  # a registry name or package.module:factory
     data: str = "emoji"  # a registered data set or a folder in the samples.jsonl format
     weights: Path | None = None  # load these instead of training
+    tokenizer: Path | None = None  # a user model's tokenizer folder, replacing the one its input_spec names (--tokenizer)
     fusion: str | None = None  # override the registry model's fusion
     train: TrainSettings = field(default_factory=TrainSettings)
     simplifier: str = "onnxsim"
@@ -366,7 +367,7 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
         versions = {**tool_versions(machine), **({"processes": str(world.size)} if world.active else {})}
         dataset = load_dataset(config.data)
         calibration = load_calibration_set(config.target.quantize.calibration, dataset)
-        spec = model_input_spec(config.model, dataset, config.fusion, config.weights)
+        spec = model_input_spec(config.model, dataset, config.fusion, config.weights, config.tokenizer)
         conductor = Conductor(config, store, versions, Splits(dataset, spec), progress)
         context = conductor.context(dataset, calibration)
         engine: dict[str, Any] = {"status": "not-run"}
@@ -434,6 +435,7 @@ def make_manifest(config: BuildConfig, versions: dict, machine: dict, dataset: D
         "target": config.target.to_json(),
         "config": {
             "model": config.model, "data": config.data, "weights": str(config.weights) if config.weights else None,
+            "tokenizer": str(config.tokenizer) if config.tokenizer else None,
             "fusion": config.fusion, "train": dataclasses.asdict(config.train), "simplifier": config.simplifier,
             "eval_batch": config.eval_batch, "require_engine": config.require_engine, "allow_mismatch": config.allow_mismatch,
             "measure_latency": config.measure_latency,

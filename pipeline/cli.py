@@ -32,6 +32,8 @@ def _build_parser() -> argparse.ArgumentParser:
                             "build a fleet in one run: out/<target>/ each, one shared stage cache, out/fleet.json")
     build.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in model name or package.module:factory for your own nn.Module (default: {DEFAULT_MODEL})")
     build.add_argument("--weights", type=Path, default=None, help="state dict (.pt) to load instead of training; loaded with weights_only=True")
+    build.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
+                       help="a Hugging Face tokenizer folder (read offline) for --model package.module:factory; replaces the one its input_spec names")
     build.add_argument("--data", default="emoji", help="built-in data set name or a folder with samples.jsonl (default: emoji)")
     build.add_argument("--out", type=Path, default=None, help="output directory (default: out/<target name>; for a fleet: out, one directory per target in it)")
     build.add_argument("--cache", type=Path, default=None, metavar="DIR",
@@ -156,7 +158,7 @@ def _build_config(args: argparse.Namespace, target: Any, out: Path, cache: Path 
     if cache is not None:
         check_out_dir(cache, flag="--cache")
     return BuildConfig(
-        target=target, out=out, model=args.model, data=args.data, weights=args.weights,
+        target=target, out=out, model=args.model, data=args.data, weights=args.weights, tokenizer=args.tokenizer,
         fusion=args.fusion, train=train, simplifier=args.simplifier,
         require_engine=args.require_engine, allow_mismatch=args.allow_mismatch, measure_latency=args.latency, wait=args.wait,
         cache=cache,

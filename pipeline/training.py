@@ -167,7 +167,8 @@ class _Features:
     def __init__(self, model: nn.Module, data: Encoded, batch_size: int, desc: str, cache: PrefixCache | None = None):
         self.split = _has_split(model)
         self.labels = torch.from_numpy(data.labels)
-        self.mask = torch.from_numpy(data.inputs["attention_mask"])
+        # only a split model (the built-in ones) reads the mask apart; a user's model may take none
+        self.mask = torch.from_numpy(data.inputs["attention_mask"]) if self.split else None
         if not self.split:
             self.tensors = {k: torch.from_numpy(v) for k, v in data.inputs.items()}
             return

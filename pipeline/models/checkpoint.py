@@ -37,8 +37,7 @@ def describe_user_model(reference: str, num_classes: int, spec: InputSpec) -> di
 
 
 def input_spec_of(description: Mapping[str, Any]) -> InputSpec:
-    spec = dict(description["input_spec"])
-    return InputSpec(image_size=spec["image_size"], mean=tuple(spec["mean"]), std=tuple(spec["std"]), max_tokens=spec["max_tokens"])
+    return InputSpec.from_json(description["input_spec"])
 
 
 def build_architecture(description: Mapping[str, Any], pretrained: bool) -> nn.Module:

@@ -7,6 +7,7 @@ parity ledger compares everything with.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,12 @@ from torch import nn
 
 from pipeline.artifacts import Artifact
 from pipeline.data.base import Dataset
-from pipeline.data.encode import InputSpec
+from pipeline.data.encode import InputSpec, check_tokenizer
 from pipeline.errors import InputError
 from pipeline.models import build_model, default_config
 from pipeline.models.checkpoint import (check_finite_weights, describe_registry_model, describe_user_model, load_weights_into,
                                         read_state_dict, save_torch_artifact)
-from pipeline.models.user import build_user_model, describe_error, is_factory_reference
+from pipeline.models.user import build_user_model, declared_input_spec, describe_error, is_factory_reference
 from pipeline.store import artifact_digest
 from pipeline.training import PrefixCache, TrainSettings, predict_logits, train
 
@@ -29,31 +30,34 @@ ARTIFACT_DIR = "torch"
 CHECK_SPLIT = "calib"  # the split the model's outputs are checked on before the source pass returns (never eval)
 
 
-def user_input_spec(model: nn.Module) -> InputSpec:
-    spec = getattr(model, "input_spec", None)
-    if spec is None:
-        return InputSpec()
-    if isinstance(spec, InputSpec):
-        return spec
-    if isinstance(spec, dict):
-        return InputSpec(**spec)
-    raise InputError(f"the model's input_spec must be a pipeline.data.encode.InputSpec or a dict, got {type(spec).__name__}")
+def model_input_spec(model_name: str, dataset: Dataset, fusion: str | None, weights: Path | None,
+                     tokenizer: str | Path | None = None) -> InputSpec:
+    """The inputs the named model takes and how samples are encoded for it; a user's tokenizer is checked here, before any stage.
 
-
-def model_input_spec(model_name: str, dataset: Dataset, fusion: str | None, weights: Path | None) -> InputSpec:
+    tokenizer: a tokenizer folder that replaces the one a user's model declares (--tokenizer).
+    """
     del weights  # the architecture, not the weights, decides the inputs
-    if is_factory_reference(model_name):
-        return user_input_spec(build_user_model(model_name, len(dataset.classes)))
-    return default_config(model_name, len(dataset.classes), fusion).input_spec()
+    if not is_factory_reference(model_name):
+        if tokenizer is not None:
+            raise InputError(f"--tokenizer applies to --model package.module:factory only; '{model_name}' was trained on "
+                             "all-MiniLM-L6-v2's vocabulary")
+        return default_config(model_name, len(dataset.classes), fusion).input_spec()
+    spec = declared_input_spec(build_user_model(model_name, len(dataset.classes)), model_name)
+    if tokenizer is not None:
+        spec = dataclasses.replace(spec, tokenizer=str(tokenizer))
+    check_tokenizer(spec)
+    return spec
 
 
-def _describe_and_build(model_name: str, dataset: Dataset, fusion: str | None, pretrained: bool) -> tuple[nn.Module, dict]:
+def _describe_and_build(model_name: str, dataset: Dataset, fusion: str | None, pretrained: bool,
+                        spec: InputSpec | None = None) -> tuple[nn.Module, dict]:
+    """The model and its model.json; spec: the build's input spec for a user's model (else the one it declares)."""
     classes = len(dataset.classes)
     if is_factory_reference(model_name):
         if fusion:
             raise InputError("--fusion applies to the built-in models only, not to --model package.module:factory")
         model = build_user_model(model_name, classes)
-        return model, describe_user_model(model_name, classes, user_input_spec(model))
+        return model, describe_user_model(model_name, classes, spec or declared_input_spec(model, model_name))
     config = default_config(model_name, classes, fusion)
     return build_model(config, pretrained=pretrained), describe_registry_model(config)
 
@@ -77,7 +81,7 @@ def train_source(model_name: str, dataset: Dataset, fusion: str | None, settings
     of this model (its logits on train and calib are the teacher of recovery).
     """
     torch.manual_seed(settings.seed)
-    model, description = _describe_and_build(model_name, dataset, fusion, pretrained=True)
+    model, description = _describe_and_build(model_name, dataset, fusion, pretrained=True, spec=splits.spec)
     # A user's model is checked before its training (fail in seconds, not after it) and after; the built-in ones give
     # [N, classes] by construction, and their check would cost the default build's source stage about a calib pass twice.
     user_model, who = is_factory_reference(model_name), f"--model '{model_name}'"
@@ -95,7 +99,8 @@ def train_source(model_name: str, dataset: Dataset, fusion: str | None, settings
 def load_source(model_name: str, dataset: Dataset, fusion: str | None, weights: Path, workdir: Path, splits: Any = None,
                 batch_size: int = TrainSettings().batch_size, prefix_cache: PrefixCache | None = None) -> Artifact:
     """Load a state dict (weights_only=True) into the named architecture; with splits, check its outputs on calib."""
-    model, description = _describe_and_build(model_name, dataset, fusion, pretrained=False)
+    model, description = _describe_and_build(model_name, dataset, fusion, pretrained=False,
+                                             spec=splits.spec if splits is not None else None)
     state = read_state_dict(Path(weights))
     load_weights_into(model, state, Path(weights), classes=dataset.classes)
     check_finite_weights(state, Path(weights))
@@ -117,7 +122,7 @@ def check_outputs(model: nn.Module, model_name: str, dataset: Dataset, data: Any
     except Exception as error:  # noqa: BLE001
         if not is_factory_reference(model_name):
             raise  # a built-in model that cannot run its own inputs is a bug here, not bad input
-        raise InputError(f"{who} fails on the {CHECK_SPLIT} split's inputs (image, input_ids, attention_mask): {describe_error(error)}")
+        raise InputError(f"{who} fails on the {CHECK_SPLIT} split's inputs ({', '.join(data.inputs)}): {describe_error(error)}")
     classes = len(dataset.classes)
     if logits.ndim != 2 or logits.shape != (len(data), classes):
         raise InputError(f"{who} returns logits of shape {tuple(logits.shape)} for {len(data)} {CHECK_SPLIT} samples; expected "

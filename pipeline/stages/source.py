@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 from pipeline.artifacts import Artifact
 from pipeline.models.source import load_source, train_source
-from pipeline.models.user import is_factory_reference
+from pipeline.models.user import factory_source_digests, is_factory_reference
 from pipeline.stages.base import Context, Measure, Pass
 from pipeline.store import sha256_file
 from pipeline.training import TrainSettings
@@ -15,21 +15,46 @@ from pipeline.training import TrainSettings
 
 @dataclass(frozen=True)
 class SourceConfig:
+    """A built-in model's source settings (its fields as they have always been, so its key's settings do not move)."""
+
     model: str
     fusion: str | None
     classes: tuple[str, ...]
     mode: str  # "train" or "load"
     train: TrainSettings | None  # None when loading
-    # A user's factory is code outside pipeline/: it is not fingerprinted (issue 14).
-    factory_note: str | None = None
+    factory_note: str | None = None  # a user's model: what of it the key covers (FactorySourceConfig)
+
+
+@dataclass(frozen=True)
+class FactorySourceConfig(SourceConfig):
+    """A user's model (package.module:factory): its code and its inputs are part of what the artifact is made from.
+
+    The pipeline's own code is fingerprinted for every pass (pipeline.fingerprint);
+    the user's code lies outside it, so its module's source files are hashed here:
+    an edited model is trained again, an untouched one is served from the cache.
+    input_spec: the spec as the build uses it (a tokenizer with its folder's
+    sha256), which the user's code may not be the only source of.
+    """
+
+    factory_code: tuple[tuple[str, str], ...] = ()  # (file, sha256) of the factory's module (its top-level package's .py files)
+    input_spec: Mapping[str, Any] | None = None
+
+
+FACTORY_NOTE = "the factory's source files (factory_code) and input spec are part of the key: editing them rebuilds this stage"
+
+
+def source_config(ctx: Context, loading: bool) -> SourceConfig:
+    common = (ctx.model, ctx.fusion, tuple(ctx.dataset.classes), "load" if loading else "train", None if loading else ctx.train)
+    if not is_factory_reference(ctx.model):
+        return SourceConfig(*common)
+    return FactorySourceConfig(*common, factory_note=FACTORY_NOTE, factory_code=factory_source_digests(ctx.model),
+                               input_spec=ctx.spec.to_json())
 
 
 def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:
     del done
     loading = ctx.weights is not None
-    config = SourceConfig(ctx.model, ctx.fusion, tuple(ctx.dataset.classes), "load" if loading else "train", None if loading else ctx.train,
-                          "user code is not hashed: change the model name or clear the output dir after editing it"
-                          if is_factory_reference(ctx.model) else None)
+    config = source_config(ctx, loading)
     if loading:
         run = lambda workdir: load_source(ctx.model, ctx.dataset, ctx.fusion, ctx.weights, workdir, ctx.splits, ctx.train.batch_size,
                                           ctx.prefix_cache)
