@@ -387,6 +387,22 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | No
     return settings.distill_weight * _distill_kl(logits, teacher, settings.distill_temperature) + (1 - settings.distill_weight) * ce
 
 
+def _train_epoch(model: nn.Module, plan: "_OneProcess | _DataParallel", step_loss: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+                 schedule: Any, epoch: int, desc: str) -> float:
+    """One epoch of optimizer steps over the plan's batches (train and distill alike); the epoch's mean loss."""
+    _set_train_mode(model)
+    losses = []
+    for index in plan.batches(epoch, f"{desc}: epoch {epoch}"):
+        loss = step_loss(index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+    plan.settle(model)
+    return plan.epoch_loss(losses)
+
+
 def train(
     model: nn.Module,
     train_data: Encoded,
@@ -435,18 +451,9 @@ def _train(world: World, model: nn.Module, train_data: Encoded, val_data: Encode
     bar = track(range(1, 0 if already_there else settings.epochs + 1), desc=desc, unit="epoch", samples_per_step=len(train_features))
     with plan.own_randomness():
         for epoch in bar:
-            _set_train_mode(model)
-            losses = []
-            for index in plan.batches(epoch, f"{desc}: epoch {epoch}"):
-                loss = step_loss(index)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                losses.append(float(loss.detach()))
-            plan.settle(model)
+            epoch_loss = _train_epoch(model, plan, step_loss, optimizer, schedule, epoch, desc)
             val_acc = plan.agreed(evaluate_accuracy(model, val_features, settings.batch_size))
-            history.append((plan.epoch_loss(losses), val_acc))
+            history.append((epoch_loss, val_acc))
             bar.set_postfix(loss=f"{history[-1][0]:.3f}", val_acc=f"{val_acc:.3f}")
             if val_acc > best_acc:
                 best_acc, best_epoch, best_state = val_acc, epoch, copy.deepcopy(model.state_dict())
@@ -502,7 +509,9 @@ class _TeacherAnswers:
         self.teacher, self.features = teacher, features
         with torch.inference_mode():
             if features.split:
-                parts = [self._encoded(torch.arange(s, min(s + batch_size, len(features)))) for s in range(0, len(features), batch_size)]
+                starts = track(range(0, len(features), batch_size), desc="teacher: encoding train", unit="batch", leave=False,
+                               samples_per_step=batch_size)  # a minute of a cold build on 2 cores: a CI log hears from it
+                parts = [self._encoded(torch.arange(s, min(s + batch_size, len(features)))) for s in starts]
                 self.image, self.text = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             self.own = _logits_in_order(teacher, features, batch_size)
 
@@ -627,18 +636,9 @@ def _distill(world: World, model: nn.Module, teacher: nn.Module, train_data: Enc
     bar = track(range(1, settings.epochs + 1), desc=desc, unit="epoch", samples_per_step=len(student_train))
     with plan.own_randomness():
         for epoch in bar:
-            _set_train_mode(model)
-            losses = []
-            for index in plan.batches(epoch, f"{desc}: epoch {epoch}"):
-                loss = step_loss(index)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                losses.append(float(loss.detach()))
-            plan.settle(model)
+            epoch_loss = _train_epoch(model, plan, step_loss, optimizer, schedule, epoch, desc)
             current = measure()
-            history.append((plan.epoch_loss(losses), current))
+            history.append((epoch_loss, current))
             bar.set_postfix(loss=f"{history[-1][0]:.3f}", val_kl=f"{current.kl:.4f}", val_agree=f"{current.agreement:.3f}")
             if current.kl < best.kl:
                 best, best_epoch, best_state = current, epoch, copy.deepcopy(model.state_dict())

@@ -22,6 +22,7 @@ from onnxruntime.quantization import CalibrationMethod
 from onnxruntime.quantization.calibrate import TensorData, TensorsData
 
 from pipeline.data.encode import Encoded
+from pipeline.progress import track
 from pipeline.runners import ort_session
 
 Method = Literal["minmax", "entropy", "percentile"]
@@ -102,15 +103,21 @@ def collect_statistics(model_path: Path, tensors: Sequence[str], data: Encoded, 
                        threads: int = 2) -> dict[str, _Stats]:
     """Min/max of every tensor, then (percentile, entropy) histograms over the fixed ranges found."""
     stats = {name: _Stats() for name in tensors}
-    for values in run_with_intermediates(model_path, tensors, data.batches(CALIBRATION_BATCH), threads):
+    for values in run_with_intermediates(model_path, tensors, _tracked(data, "calibrating: ranges"), threads):
         for name, value in values.items():
             _update_minmax(stats[name], np.asarray(value))
     if method != "minmax":
         signed = method == "percentile" and not symmetric
-        for values in run_with_intermediates(model_path, tensors, data.batches(CALIBRATION_BATCH), threads):
+        for values in run_with_intermediates(model_path, tensors, _tracked(data, f"calibrating: {method} histograms"), threads):
             for name, value in values.items():
                 _update_histograms(stats[name], np.asarray(value), signed)
     return stats
+
+
+def _tracked(data: Encoded, desc: str) -> Iterable[Mapping[str, np.ndarray]]:
+    """The calibration batches, reported as they run (a CI log hears from a calibration pass longer than its interval)."""
+    return track(data.batches(CALIBRATION_BATCH), total=-(-len(data) // CALIBRATION_BATCH), desc=desc, unit="batch", leave=False,
+                 samples_per_step=CALIBRATION_BATCH)
 
 
 def percentile_threshold(hist: np.ndarray, top: float, percentile: float) -> float:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from pipeline.data.encode import Encoded
+from pipeline.progress import track
 from pipeline.quantization.calibrate import CALIBRATION_BATCH, run_with_intermediates
 from pipeline.quantization.evaluate import Evaluation, Evaluator, TuningEvaluator
 from pipeline.quantization.placement import Region
@@ -125,7 +126,7 @@ def _pick(build: Builder, floats: frozenset[str], shortlist: list[str], ranking:
     if ranking is None:
         return shortlist[0], build(floats | {shortlist[0]}), float("nan")
     best: tuple[str, Path, float] | None = None
-    for name in shortlist:
+    for name in track(shortlist, desc=f"fallback: measuring {len(shortlist)} candidates", unit="candidate", leave=False):
         path = build(floats | {name})
         gain = baseline - float(np.mean(ranking(path).per_sample_error))
         if best is None or gain > best[2]:
