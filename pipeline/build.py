@@ -36,6 +36,7 @@ from pipeline.fingerprint import code_fingerprint
 from pipeline.footprint import Footprint, onnx_footprint, torch_footprint
 from pipeline.kernels import kernel_facts, kernel_signature
 from pipeline.models.checkpoint import load_torch_artifact
+from pipeline.models.onnx_source import onnx_config_json
 from pipeline.models.source import model_input_spec
 from pipeline.parity import Gate, ParityRow, check_gate, parity_row, unresolved_budget
 from pipeline.progress import track
@@ -84,6 +85,7 @@ class BuildConfig:
     measure_latency: bool = False  # ONNX Runtime CPU latency of every stage (the ledger's b1/b16 columns; --latency)
     wait: bool = True  # another build holds out's lock: wait for it (saying so), or with --no-wait fail at once (exit 2)
     cache: Path | None = None  # the stage cache, when not inside out (--cache; a fleet's targets share one)
+    onnx: Path | None = None  # the user's FP32 ONNX as the source model instead of `model` (--onnx): prune and factorize skipped
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,7 @@ class Conductor:
     def context(self, dataset: Dataset, calibration: CalibrationSet) -> Context:
         config = self.config
         return Context(config.target, config.model, config.fusion, config.weights, config.train, config.simplifier, dataset, self.splits,
-                       self.splits.spec, calibration, self.prefix_cache, self.measure, SENSITIVITY_SAMPLES)
+                       self.splits.spec, calibration, self.prefix_cache, self.measure, SENSITIVITY_SAMPLES, onnx=config.onnx)
 
 
 # ------------------------------------------------------------------ deploy: the engine, or the device bundle
@@ -367,7 +369,7 @@ def build(config: BuildConfig, progress: Callable[[str], None] = print) -> dict[
         versions = {**tool_versions(machine), **({"processes": str(world.size)} if world.active else {})}
         dataset = load_dataset(config.data)
         calibration = load_calibration_set(config.target.quantize.calibration, dataset)
-        spec = model_input_spec(config.model, dataset, config.fusion, config.weights, config.tokenizer)
+        spec = model_input_spec(config.model, dataset, config.fusion, config.weights, config.tokenizer, onnx=config.onnx, say=progress)
         conductor = Conductor(config, store, versions, Splits(dataset, spec), progress)
         context = conductor.context(dataset, calibration)
         engine: dict[str, Any] = {"status": "not-run"}
@@ -434,11 +436,13 @@ def make_manifest(config: BuildConfig, versions: dict, machine: dict, dataset: D
         "machine": {**machine, "cpu_dependent": CPU_DEPENDENT},
         "target": config.target.to_json(),
         "config": {
-            "model": config.model, "data": config.data, "weights": str(config.weights) if config.weights else None,
+            "model": str(config.onnx) if config.onnx else config.model,  # an --onnx build's model is the file (config.onnx)
+            "data": config.data, "weights": str(config.weights) if config.weights else None,
             "tokenizer": str(config.tokenizer) if config.tokenizer else None,
             "fusion": config.fusion, "train": dataclasses.asdict(config.train), "simplifier": config.simplifier,
             "eval_batch": config.eval_batch, "require_engine": config.require_engine, "allow_mismatch": config.allow_mismatch,
             "measure_latency": config.measure_latency,
+            "onnx": onnx_config_json(config.onnx) if config.onnx else None,
         },
         "data": {
             "dataset": dataset.name, "fingerprint": dataset.fingerprint, "classes": list(dataset.classes),

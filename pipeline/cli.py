@@ -34,6 +34,9 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--weights", type=Path, default=None, help="state dict (.pt) to load instead of training; loaded with weights_only=True")
     build.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
                        help="a Hugging Face tokenizer folder (read offline) for --model package.module:factory; replaces the one its input_spec names")
+    build.add_argument("--onnx", type=Path, default=None, metavar="FILE",
+                       help="start from your FP32 ONNX file instead of a torch model (not with --model/--weights/--fusion): its inputs "
+                            "are read from the graph; simplified, quantized and gated against its own outputs; prune and factorize skipped")
     build.add_argument("--data", default="emoji", help="built-in data set name or a folder with samples.jsonl (default: emoji)")
     build.add_argument("--out", type=Path, default=None, help="output directory (default: out/<target name>; for a fleet: out, one directory per target in it)")
     build.add_argument("--cache", type=Path, default=None, metavar="DIR",
@@ -154,6 +157,7 @@ def _build_config(args: argparse.Namespace, target: Any, out: Path, cache: Path 
     train = dataclasses.replace(recipe, epochs=args.epochs or recipe.epochs, seed=args.seed)
     if args.weights is not None and not args.weights.is_file():
         raise InputError(f"{args.weights}: weights file not found (--weights)")
+    target, onnx_settings = _onnx_source(args, target)
     check_out_dir(out)
     if cache is not None:
         check_out_dir(cache, flag="--cache")
@@ -161,8 +165,31 @@ def _build_config(args: argparse.Namespace, target: Any, out: Path, cache: Path 
         target=target, out=out, model=args.model, data=args.data, weights=args.weights, tokenizer=args.tokenizer,
         fusion=args.fusion, train=train, simplifier=args.simplifier,
         require_engine=args.require_engine, allow_mismatch=args.allow_mismatch, measure_latency=args.latency, wait=args.wait,
-        cache=cache,
+        cache=cache, onnx=args.onnx, **onnx_settings,
     )
+
+
+def _onnx_source(args: argparse.Namespace, target: Any) -> tuple[Any, dict[str, Any]]:
+    """--onnx: the torch source's flags refused beside it; a static batch 1 makes every run batch 1 (the eval batch and the
+    target's TensorRT profile, min = opt = max = 1), since the graph takes no other. Returns the target and BuildConfig's extras."""
+    from pipeline.models.onnx_source import static_batch
+    from pipeline.settings import DEFAULT_MODEL
+    from pipeline.targets import Batch, with_overrides
+
+    if args.onnx is None:
+        return target, {}
+    given = [flag for flag, on in (("--model", args.model != DEFAULT_MODEL), ("--weights", args.weights is not None),
+                                   ("--fusion", args.fusion is not None)) if on]
+    if given:
+        raise InputError(f"--onnx {args.onnx} with {given[0]}: the ONNX file is the source model; {given[0]} names a torch one "
+                         "(give one or the other)")
+    batch = static_batch(args.onnx)
+    if batch is None:
+        return target, {}
+    if args.latency:
+        raise InputError(f"--latency with --onnx {args.onnx}: its static batch {batch} cannot run the batch-16 latency column; "
+                         "drop --latency or export the model with a dynamic batch axis")
+    return with_overrides(target, **{"builder.batch": Batch(batch, batch, batch)}), {"eval_batch": batch}
 
 
 def _build(config: Any, say: Any) -> dict[str, Any]:

@@ -111,8 +111,10 @@ def _runner(runtime: str, bundle: Bundle, plan: Path | None) -> Any:
 def _predict_golden(runner: Any, bundle: Bundle) -> np.ndarray:
     inputs = bundle.golden.inputs
     count = len(bundle.golden.ids)
-    batches = ({name: value[start:start + GOLDEN_BATCH] for name, value in inputs.items()}
-               for start in range(0, count, GOLDEN_BATCH))
+    # never more than the target's profile allows: a model with a static batch (an --onnx source) takes only that
+    size = max(1, min(GOLDEN_BATCH, bundle.target.builder.batch.max))
+    batches = ({name: value[start:start + size] for name, value in inputs.items()}
+               for start in range(0, count, size))
     return np.concatenate([runner.predict(batch) for batch in batches], axis=0)
 
 

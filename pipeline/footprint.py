@@ -55,5 +55,23 @@ def torch_footprint(directory: Path, spec: InputSpec, simplifier: str, latency: 
 
 
 def onnx_footprint(path: Path, spec: InputSpec, counted_from: Footprint | None, latency: bool = True) -> Footprint:
-    counts = {"params": dict(counted_from.params), "macs": dict(counted_from.macs)} if counted_from else {}
+    """counted_from: the footprint of the model this file came from; None for a user's ONNX (--onnx): its params are its
+    float initializers' elements (MACs need a model to trace: not counted)."""
+    counts = {"params": dict(counted_from.params), "macs": dict(counted_from.macs)} if counted_from else {"params": onnx_params(path)}
     return Footprint(**counts, onnx_bytes=path.stat().st_size, latency_ms=onnx_latency(path, spec) if latency else {})
+
+
+def onnx_params(path: Path) -> dict[str, int]:
+    """{"total": elements of the graph's floating-point initializers}: the weights an ONNX file holds."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_type in floats:
+            count = 1
+            for dim in tensor.dims:
+                count *= dim
+            total += count
+    return {"total": total}

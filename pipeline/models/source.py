@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from pipeline.errors import InputError
 from pipeline.models import build_model, default_config
 from pipeline.models.checkpoint import (check_finite_weights, describe_registry_model, describe_user_model, load_weights_into,
                                         read_state_dict, save_torch_artifact)
+from pipeline.models.onnx_source import read_onnx_source
 from pipeline.models.user import build_user_model, declared_input_spec, describe_error, is_factory_reference
 from pipeline.store import artifact_digest
 from pipeline.training import PrefixCache, TrainSettings, predict_logits, train
@@ -31,12 +32,20 @@ CHECK_SPLIT = "calib"  # the split the model's outputs are checked on before the
 
 
 def model_input_spec(model_name: str, dataset: Dataset, fusion: str | None, weights: Path | None,
-                     tokenizer: str | Path | None = None) -> InputSpec:
+                     tokenizer: str | Path | None = None, onnx: Path | None = None,
+                     say: Callable[[str], None] | None = None) -> InputSpec:
     """The inputs the named model takes and how samples are encoded for it; a user's tokenizer is checked here, before any stage.
 
     tokenizer: a tokenizer folder that replaces the one a user's model declares (--tokenizer).
+    onnx: the user's ONNX file (--onnx), the source model instead of model_name: its graph says what it takes
+    (pipeline.models.onnx_source), and say hears how the graph was read.
     """
     del weights  # the architecture, not the weights, decides the inputs
+    if onnx is not None:
+        source = read_onnx_source(onnx, dataset.classes, tokenizer)
+        for line in source.describe() if say is not None else ():
+            say(line)
+        return source.spec
     if not is_factory_reference(model_name):
         if tokenizer is not None:
             raise InputError(f"--tokenizer applies to --model package.module:factory only; '{model_name}' was trained on "

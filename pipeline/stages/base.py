@@ -69,7 +69,13 @@ class Context:
     prefix_cache: PrefixCache
     logits: Logits
     probe_samples: int = 64  # the first calib samples sensitivity is measured on (never eval)
+    onnx: Path | None = None  # the user's FP32 ONNX file as the source model (--onnx): the torch stages do not apply
 
     def probe(self) -> Encoded:
         calib = self.splits.get("calib")
         return calib.subset(range(min(self.probe_samples, len(calib))))
+
+
+def onnx_source(ctx: Context) -> Path | None:
+    """The build's --onnx file, or None. Read with getattr: a context put together by hand (a test's namespace) may not name it."""
+    return getattr(ctx, "onnx", None)

@@ -24,7 +24,7 @@ from pipeline.errors import InputError
 from pipeline.export import example_inputs
 from pipeline.models.checkpoint import load_torch_artifact, read_description, save_torch_artifact
 from pipeline.stages.base import Context, Measure, Pass
-from pipeline.stages.recovery import RecoveryConfig, recovery, recovery_config, structure_unsupported
+from pipeline.stages.recovery import RecoveryConfig, onnx_source_skip, recovery, recovery_config, structure_unsupported
 from pipeline.store import artifact_digest
 from pipeline.targets import Compression
 
@@ -50,7 +50,7 @@ def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:
     # rate. At recovery_lr (meant for pruning) the calib accuracy fell in the second epoch (BENCHMARKS.md).
     epochs = compression.recovery_epochs if compression.factorize_epochs is None else compression.factorize_epochs
     config = FactorizeConfig(factorize_only(compression), recovery_config(ctx, source, epochs, ctx.train.encoder_lr), ctx.probe_samples)
-    skip = "the target asks for no factorization" if not compression.factorizes() else structure_unsupported(done)
+    skip = onnx_source_skip(ctx) or ("the target asks for no factorization" if not compression.factorizes() else structure_unsupported(done))
     model = next(reversed(done.values()))
     run = lambda workdir: factorize_stage(model, config.compression, ctx.spec, recovery(ctx, source, config.recovery), ctx.probe(), workdir)
     return Pass("factorize", config, model.sha256, run, Measure("torch", reach=compression), code=__name__, gate="factorize", skip=skip)

@@ -26,7 +26,7 @@ from pipeline.data.encode import Encoded, InputSpec
 from pipeline.export import example_inputs
 from pipeline.models.checkpoint import load_torch_artifact, read_description, save_torch_artifact
 from pipeline.stages.base import Context, Measure, Pass
-from pipeline.stages.recovery import RecoveryConfig, recovery, recovery_config, structure_unsupported
+from pipeline.stages.recovery import RecoveryConfig, onnx_source_skip, recovery, recovery_config, structure_unsupported
 from pipeline.store import artifact_digest
 from pipeline.targets import Compression
 
@@ -47,7 +47,7 @@ def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:
     compression, source = ctx.target.compression, done["source"]
     config = PruneConfig(prune_only(compression), recovery_config(ctx, source, compression.recovery_epochs, compression.recovery_lr),
                          ctx.probe_samples)
-    skip = "the target asks for no pruning" if not compression.prunes() else structure_unsupported(done)
+    skip = onnx_source_skip(ctx) or ("the target asks for no pruning" if not compression.prunes() else structure_unsupported(done))
     model = next(reversed(done.values()))
     run = lambda workdir: prune_stage(model, config.compression, ctx.spec, recovery(ctx, source, config.recovery), ctx.probe(), workdir)
     return Pass("prune", config, model.sha256, run, Measure("torch", reach=compression), code=__name__, gate="prune", skip=skip)

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from pipeline.artifacts import Artifact
+from pipeline.models.onnx_source import in_batches_of
 from pipeline.parity import Gate
 from pipeline.quantization.evaluate import make_evaluator
 from pipeline.quantization.quantize import ALGORITHM, quantize
 from pipeline.quantization.weight_form import WeightForm, weight_form_for
-from pipeline.stages.base import Context, Measure, Pass
+from pipeline.stages.base import Context, Measure, Pass, onnx_source
 from pipeline.targets import Quantize
 
 # The fallback tunes on calib (284 samples) for a gate judged on eval (474): near 0.97 their agreements differ by
@@ -28,7 +29,7 @@ class QuantizeConfig:
     calibration: tuple[str, str]  # (name, sha256 of the ids)
     tuning_data: str  # content fingerprint of the split the fallback tunes on
     tuning_gate: Gate
-    tuning_reference: str  # sha256 of the torch model whose calib answers the fallback tunes towards
+    tuning_reference: str  # sha256 of the torch model (the ONNX source, for --onnx) whose calib answers the fallback tunes towards
 
 
 @dataclass(frozen=True)
@@ -55,18 +56,26 @@ def tuning_gate(gate: Gate) -> Gate:
     return dataclasses.replace(gate, min_agreement=agreement, mode="point")
 
 
+def tuning_reference(ctx: Context, done: Mapping[str, Artifact]) -> tuple[Artifact, Measure]:
+    """The model whose calib answers the fallback tunes towards, and how it runs: the model export was given, or the ONNX source."""
+    if onnx_source(ctx) is not None:
+        return done["source"], Measure("onnxruntime")
+    return [artifact for artifact in done.values() if artifact.kind == "torch"][-1], Measure("torch", reach=ctx.target.compression)
+
+
 def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:
     fp32 = done["export"]
-    torch_model = [artifact for artifact in done.values() if artifact.kind == "torch"][-1]  # the model export was given
+    reference_model, how = tuning_reference(ctx, done)
     target, calibration = ctx.target, ctx.calibration
     gate = tuning_gate(target.gates.quantize)
-    config = quantize_config(ctx, gate, torch_model)
+    config = quantize_config(ctx, gate, reference_model)
     weights = config.weights if isinstance(config, FloatWeightQuantizeConfig) else None
+    static_batch = fp32.meta.get("static_batch")  # an ONNX source's static batch (1): every run of the graph takes that size
 
     def run(workdir):
-        samples = ctx.splits.get(calibration.split).select_ids(calibration.ids)
-        reference = ctx.logits(torch_model, TUNING_SPLIT, Measure("torch", reach=target.compression))
-        evaluator = make_evaluator(ctx.splits.get(TUNING_SPLIT), reference, gate)
+        samples = in_batches_of(ctx.splits.get(calibration.split).select_ids(calibration.ids), static_batch)
+        reference = ctx.logits(reference_model, TUNING_SPLIT, how)
+        evaluator = make_evaluator(in_batches_of(ctx.splits.get(TUNING_SPLIT), static_batch), reference, gate)
         return quantize(fp32, samples, target.quantize, workdir, evaluator=evaluator, weights=weights)
 
     return Pass("quantize", config, fp32.sha256, run, Measure("onnxruntime"), code=__name__, gate="quantize")

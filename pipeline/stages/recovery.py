@@ -10,7 +10,7 @@ from pipeline.artifacts import Artifact
 from pipeline.compression.recovery import Recovery
 from pipeline.compression.units import unsupported_reason
 from pipeline.models.checkpoint import load_torch_artifact, read_description
-from pipeline.stages.base import Context
+from pipeline.stages.base import Context, onnx_source
 from pipeline.training import TrainSettings
 
 
@@ -41,6 +41,14 @@ def recovery(ctx: Context, teacher: Artifact, config: RecoveryConfig) -> Recover
     """Distillation from the source model on the train split, checkpoints chosen by fidelity on calib."""
     return Recovery(ctx.splits.get("train"), ctx.splits.get("calib"), load_torch_artifact(teacher.path), config.train,
                     config.patience, config.mixed, ctx.prefix_cache)
+
+
+ONNX_SOURCE = "the source is an ONNX file: the torch stages (prune, factorize, export from torch) do not apply"
+
+
+def onnx_source_skip(ctx: Context) -> str | None:
+    """Why a torch stage does not run for an --onnx build (checked before anything reads the source as a torch model)."""
+    return ONNX_SOURCE if onnx_source(ctx) is not None else None
 
 
 def structure_unsupported(done: Mapping[str, Artifact]) -> str | None:
