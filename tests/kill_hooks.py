@@ -93,8 +93,8 @@ def _kill_in_quantizer(marker: Path) -> None:
 
     real_write = quantizer.write_qdq
 
-    def write_qdq(prepared, regions, quantized, ranges, form, output):
-        real_write(prepared, regions, quantized, ranges, form, output)
+    def write_qdq(prepared, regions, quantized, ranges, form, output, *rest):
+        real_write(prepared, regions, quantized, ranges, form, output, *rest)
         _kill(marker, "quantizer", candidate=str(Path(output).resolve()), quantized_regions=len(quantized))
 
     quantizer.write_qdq = write_qdq  # the name the candidate builder calls

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,8 +100,15 @@ def build(inputs: tuple[Path, Path], out: Path, *flags: str) -> subprocess.Compl
     return result
 
 
-def test_a_build_in_a_ci_log_reports_every_training_epoch(inputs, tmp_path):
-    result = build(inputs, tmp_path / "out", "--progress-every", "0")
+@pytest.fixture(scope="module")
+def ci_log_build(inputs, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One build as a CI runs it (no terminal), every step reported: its out directory and its output."""
+    out = tmp_path_factory.mktemp("ci-log") / "out"
+    return out, build(inputs, out, "--progress-every", "0")
+
+
+def test_a_build_in_a_ci_log_reports_every_training_epoch(ci_log_build):
+    _, result = ci_log_build
     epochs = [line for line in result.stderr.splitlines() if re.match(r"  train: epoch \d+/\d+ ", line)]  # the epochs, not their batches
     assert [line.split()[2] for line in epochs[:3]] == ["1/3", "2/3", "3/3"], result.stderr[-2000:]
     assert all("loss" in line and "val_acc" in line and "samples/s" in line for line in epochs)
@@ -115,7 +123,10 @@ def test_log_format_json_makes_every_stderr_line_a_json_object(inputs, tmp_path)
     assert json.loads(result.stdout)["status"] == "ok"  # stdout holds the result alone
 
 
-def test_quiet_prints_the_result_alone(inputs, tmp_path):
+def test_quiet_prints_the_result_alone(inputs, ci_log_build, tmp_path):
+    """On a copy of the CI build (its stages cached: the per-stage lines are what --quiet must hold back; the quiet form
+    of a long loop is test_quiet_prints_nothing_and_a_terminal_gets_tqdm_bars's)."""
+    shutil.copytree(ci_log_build[0], tmp_path / "out", ignore=shutil.ignore_patterns(".lock"))
     result = build(inputs, tmp_path / "out", "--quiet", "--progress-every", "0", "--json")
     assert result.stderr == ""
     assert json.loads(result.stdout)["status"] == "ok"
