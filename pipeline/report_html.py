@@ -406,7 +406,7 @@ def fleet_entry(label: str, manifest: dict[str, Any]) -> dict[str, Any]:
     if engine.get("plan"):
         deploy += f": {engine['plan']}"
     if engine.get("bundle"):
-        deploy += f"; bundle {engine['bundle']}"
+        deploy += f"; bundle in {engine['bundle']}/"
     return {"label": label, "manifest": manifest, "rows": rows, "status": manifest.get("status", "?"),
             "stage": last["name"] if last else None, "accuracy": last["accuracy"] if last else None,
             "interval": last["interval"] if last else None, "delta_pts": last["delta_pts"] if last else None,
@@ -626,7 +626,8 @@ def plot_fleet(entries: list[dict[str, Any]]) -> str | None:
         ax.set_ylabel(unit)
         ax.set_title(title, loc="left")
     for ax in (acc, size, latency):
-        ax.set_xticks(x, labels, rotation=20 if len(entries) > 3 else 0, ha="right" if len(entries) > 3 else "center")
+        crowded = len(entries) > 3 or max(len(label) for label in labels) > 12  # long target names overlap level
+        ax.set_xticks(x, labels, rotation=20 if crowded else 0, ha="right" if crowded else "center")
         ax.set_xlim(-0.6, len(entries) - 0.4)
     return svg_of(fig, "fleet")
 
