@@ -119,13 +119,14 @@ def build_command(args: argparse.Namespace) -> int:
 
 def fleet_command(args: argparse.Namespace, targets: list[Any]) -> int:
     from pipeline.fleet import build_fleet, fleet_configs, fleet_table
+    from pipeline.report import summary_table
 
     out = args.out or Path("out")
     configs = fleet_configs([_build_config(args, target, out / target.name, args.cache) for target in targets], out, args.cache)
 
     def show(outcome: Any) -> None:
         if not args.json and not args.quiet and outcome.manifest is not None:
-            print(summary_table_of(outcome.manifest) + "\n", flush=True)
+            print(summary_table(outcome.manifest) + "\n", flush=True)
 
     def print_fleet(fleet: dict[str, Any] | None, as_json: bool) -> None:
         if fleet is not None:
@@ -227,12 +228,6 @@ def _run(args: argparse.Namespace, work: Any, show: Any, attribute: str = "manif
     return result
 
 
-def summary_table_of(manifest: dict[str, Any]) -> str:
-    from pipeline.report import summary_table
-
-    return summary_table(manifest)
-
-
 def _progress(args: argparse.Namespace) -> tuple[Any, ProgressStyle]:
     """Where the build's messages and its long steps' progress go: stdout keeps the result alone when --json asks for it."""
     stream = sys.stderr if args.json or args.log_format == "json" else sys.stdout
@@ -313,6 +308,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def targets_command(args: argparse.Namespace) -> int:
+    from pipeline.report import text_table
     from pipeline.targets import available_targets, target_summary
 
     rows = [target_summary(t) for t in available_targets().values()]
@@ -320,14 +316,8 @@ def targets_command(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     columns = ["name", "aliases", "device", "tensorrt", "jetpack", "cuda", "compute_capability", "dla_cores", "precision"]
-    print(_table(columns, [[str(row[c]) for c in columns] for row in rows]))
+    print(text_table(columns, [[str(row[c]) for c in columns] for row in rows]))
     return 0
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip()
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

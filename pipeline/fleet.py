@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from pipeline.build import BuildConfig, build
 from pipeline.errors import PipelineError
+from pipeline.report import fmt, text_table
 from pipeline.report_html import fleet_html
 from pipeline.store import atomic_write_json, atomic_write_text
 
@@ -158,15 +159,13 @@ def fleet_table(fleet: dict[str, Any]) -> str:
         ci = e["delta_ci_pts"]
         ran = sum(not s["cached"] for s in e["stages"])
         rows.append([
-            e["target"], e["status"], str(e["exit_code"]), e["stage"] or "-", _fmt(e["accuracy"], ".4f"), _fmt(e["delta_pts"], "+.2f"),
-            f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "-", _fmt(e["agreement"], ".4f"),
-            "-" if e["size_bytes"] is None else f"{e['size_bytes'] / 1e6:.2f}", _fmt((e["latency_ms"] or {}).get("batch1_ms"), ".1f"),
-            _deploy(e["engine"]), f"{ran}/{len(e['stages']) - ran}", _fmt(e["wall_s"], ".1f"),
+            e["target"], e["status"], str(e["exit_code"]), e["stage"] or "-", fmt(e["accuracy"], ".4f"), fmt(e["delta_pts"], "+.2f"),
+            f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "-", fmt(e["agreement"], ".4f"),
+            "-" if e["size_bytes"] is None else f"{e['size_bytes'] / 1e6:.2f}", fmt((e["latency_ms"] or {}).get("batch1_ms"), ".1f"),
+            _deploy(e["engine"]), f"{ran}/{len(e['stages']) - ran}", fmt(e["wall_s"], ".1f"),
         ])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     lines = [f"fleet: {len(rows)} targets  status {fleet['status']}  exit {fleet['exit_code']}  wall {fleet['wall_s']:.1f} s  "
-             f"cache {fleet['cache']}", line(header), line(["-" * w for w in widths]), *map(line, rows)]
+             f"cache {fleet['cache']}", text_table(header, rows)]
     for share in fleet["shared"]:
         others = [t for t in share["targets"] if t != share["made_by"]]
         made = f"made by {share['made_by']}" if share["made_by"] else "from an earlier run's cache"
@@ -179,8 +178,4 @@ def fleet_table(fleet: dict[str, Any]) -> str:
 def _deploy(engine: dict[str, Any]) -> str:
     status = engine.get("status", "not-run")
     return {"built": "engine", "deferred": "bundle", "not-applicable": "onnxruntime"}.get(status, status)
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 

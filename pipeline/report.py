@@ -61,12 +61,20 @@ def report_markdown(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: Any, spec: str) -> str:
+def fmt(value: Any, spec: str) -> str:
+    """A ledger figure: "-" when absent, a string as it is, a number in spec."""
     if value is None:
         return "-"
     if isinstance(value, str):
         return value
     return format(value, spec)
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns under a header and a rule: the CLI's plain tables (targets, the fleet)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def _interval(bounds: list[float] | None, spec: str) -> str:
@@ -121,13 +129,13 @@ def summary_table(manifest: dict[str, Any]) -> str:
         latency = cost.get("latency_ms") or {}
         pair = (p.get("paired") or {}) if stage is not stages[0] else {}  # the source compared with itself has nothing to resolve
         rows.append([
-            stage["name"], _fmt(p.get("accuracy"), ".4f"), _fmt(p.get("delta_pts"), "+.2f"), _interval(pair.get("delta_ci_pts"), "+.2f"),
-            f"{pair['fixed']}/{pair['broken']}" if pair else "-", _fmt(ref.get("agreement"), ".4f"), _interval(pair.get("agreement_ci"), ".3f"),
-            _fmt(ref.get("cosine_min"), ".4f"), _fmt(ref.get("max_abs_error"), ".2e"), _fmt(ref.get("sqnr_db"), ".1f"),
+            stage["name"], fmt(p.get("accuracy"), ".4f"), fmt(p.get("delta_pts"), "+.2f"), _interval(pair.get("delta_ci_pts"), "+.2f"),
+            f"{pair['fixed']}/{pair['broken']}" if pair else "-", fmt(ref.get("agreement"), ".4f"), _interval(pair.get("agreement_ci"), ".3f"),
+            fmt(ref.get("cosine_min"), ".4f"), fmt(ref.get("max_abs_error"), ".2e"), fmt(ref.get("sqnr_db"), ".1f"),
             "-" if params is None else f"{_millions(params)} ({_share(params, (reference.get('params') or {}).get('total'))})",
             "-" if macs is None else f"{_millions(macs)} ({_share(macs, (reference.get('macs') or {}).get('total'))})",
-            _mb(cost.get("onnx_bytes")), _fmt(latency.get("batch1_ms"), ".1f"), _fmt(latency.get("batch16_ms"), ".1f"),
-            _fmt(stage["wall_s"], ".1f"), "yes" if stage["cached"] else "no",
+            _mb(cost.get("onnx_bytes")), fmt(latency.get("batch1_ms"), ".1f"), fmt(latency.get("batch16_ms"), ".1f"),
+            fmt(stage["wall_s"], ".1f"), "yes" if stage["cached"] else "no",
         ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
