@@ -111,7 +111,7 @@ def allocated_ratios(model, plan: Plan, calib: Encoded, samples: int = 64) -> di
     batch = calib.subset(range(min(samples, len(calib))))
     inputs = tuple(torch.from_numpy(batch.inputs[k]) for k in ("image", "input_ids", "attention_mask"))
     ratios = {b: r for b, r in branch_ratios(plan.compression).items() if r > 0}
-    units = [u for u in units_in_scope(model, plan.scope) if u.branch in ratios]
+    units = [u for u in units_in_scope(model, plan.scope, tuple(t[:2] for t in inputs)) if u.branch in ratios]
     sensitivities = prune_sensitivity(model, units, inputs, torch.from_numpy(batch.labels))
     allocation = allocate_ratios(sensitivities, ratios)
     for s in sensitivities:

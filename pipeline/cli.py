@@ -55,6 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--embedding-energy", type=float, default=None, metavar="E", help="factorize the token embedding keeping this spectral energy (default: the target's)")
     build.add_argument("--recovery-epochs", type=int, default=None, metavar="N", help="distillation epochs after each structural stage (default: the target's)")
     build.add_argument("--recovery-seed", type=int, default=None, metavar="N", help="seed of the recovery trainings (default: the target's compression.recovery_seed, else --seed); the source model stays cached")
+    build.add_argument("--keep", default=None, metavar="NAME,...",
+                       help="modules (by their name in the model) that prune and factorize leave whole, added to the target's compression.keep")
     build.add_argument("--gate-mode", choices=("point", "confidence"), default=None,
                        help="judge every accuracy gate on the drop's point estimate or on the upper bound of its 95%% interval (default: each gate's own mode)")
     build.add_argument("--no-compression", action="store_true", help="skip the prune and factorize stages (export the trained model as it is)")
@@ -136,6 +138,16 @@ def fleet_command(args: argparse.Namespace, targets: list[Any]) -> int:
     return int(fleet["exit_code"])
 
 
+def _kept_modules(flag: str | None, pinned: tuple[str, ...]) -> tuple[str, ...] | None:
+    """--keep a,b on top of the target's compression.keep (None: the flag is not given)."""
+    if flag is None:
+        return None
+    names = [name.strip() for name in flag.split(",")]
+    if not all(names):
+        raise InputError(f"--keep '{flag}': an empty module name; give names separated by commas, e.g. --keep encoder.layers.0,classifier")
+    return tuple(dict.fromkeys((*pinned, *names)))
+
+
 def _build_config(args: argparse.Namespace, target: Any, out: Path, cache: Path | None) -> Any:
     """One target's build as the flags ask for it; bad flags are refused before anything is written."""
     from pipeline.build import BuildConfig
@@ -148,6 +160,7 @@ def _build_config(args: argparse.Namespace, target: Any, out: Path, cache: Path 
         "compression.factorize_energy": args.factorize_energy, "compression.embedding_energy": args.embedding_energy,
         "compression.recovery_epochs": args.recovery_epochs, "compression.text_depth": args.text_depth,
         "compression.recovery_seed": args.recovery_seed,
+        "compression.keep": _kept_modules(args.keep, target.compression.keep),
         **({f"gates.{name}.mode": args.gate_mode for name in ("prune", "factorize", "quantize")} if args.gate_mode else {}),
     })
     if args.no_compression:

@@ -216,7 +216,9 @@ def depth_lines(stages: list[dict[str, Any]]) -> list[str]:
     lines = []
     for stage in stages:
         depth = (stage.get("facts") or {}).get("depth")
-        if not depth or not depth["dropped"]:
+        if depth and "skipped" in depth:
+            lines.append(f"{stage['name']:>9} depth: skipped ({depth['skipped']})")
+        if not depth or not depth.get("dropped"):
             continue
         costs = [next(m["nmse"] for m in measured if m["name"] == name) for name, measured in zip(depth["dropped"], depth["rounds"])]
         dropped = ", ".join(f"{name} (NMSE {cost:.3g})" for name, cost in zip(depth["dropped"], costs))

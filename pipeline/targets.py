@@ -134,6 +134,8 @@ class Compression:
     recovery_seed: int | None = None  # None: the build's --seed
     # The factorize stage's own budget (None: recovery_epochs): a factorized embedding starts close to its teacher.
     factorize_epochs: int | None = None
+    # Modules (by name, e.g. "encoder.layers.0") neither stage changes: their outputs are not pruned, their layers not factorized.
+    keep: tuple[str, ...] = ()
 
     def prunes(self) -> bool:
         return any(r > 0 for r in (self.prune_image, self.prune_text, self.prune_fusion)) or self.text_depth is not None

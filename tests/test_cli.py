@@ -438,10 +438,14 @@ def test_users_own_model_and_weights_go_through_the_pipeline(tmp_path, emoji_fol
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["stages"][0]["settings"]["mode"] == "load"
     assert manifest["stages"][0]["facts"]["input_spec"]["image_size"] == 24
-    # the compression stages know the built-in models only: a user's model is exported as it is, and the manifest says so
-    assert [s["name"] for s in manifest["stages"]] == ["source", "export", "quantize"]
-    assert "user model" in manifest["compression"]["skipped"]
-    assert manifest["stages"][1]["parity"]["vs_reference"]["agreement"] == 1.0
+    # a user's model is pruned and factorized too: its groups found by the dependency graph, the classifier kept whole
+    assert [s["name"] for s in manifest["stages"]] == STAGES
+    prune = manifest["stages"][1]["facts"]
+    assert prune["discovered"]["output_layer"] == "head" and set(prune["discovered"]["units"]) == {"image.conv", "text.embed"}
+    assert set(prune["untouched_units"]) == {"image.conv", "text.embed"}  # 8 channels: one multiple of 8, nothing to take
+    assert "built-in MiniLM stack" in prune["depth"]["skipped"]  # the target's text_depth has nothing to act on here
+    export = next(s for s in manifest["stages"] if s["name"] == "export")
+    assert export["parity"]["vs_previous"]["agreement"] == 1.0
 
 
 def test_a_confidence_gate_fails_a_drop_whose_point_estimate_passes(built, tmp_path):

@@ -127,14 +127,14 @@ def test_a_spec_round_trips_through_model_json(tokenizer_dir):
 # ---------------------------------------------------------------- through the CLI
 
 
-def write_tokenizer(directory: Path, texts: list[str]) -> Path:
-    """A word-level tokenizer over the commonest words of texts, saved as a Hugging Face folder."""
+def write_tokenizer(directory: Path, texts: list[str], words: int = VOCAB_WORDS) -> Path:
+    """A word-level tokenizer over the `words` commonest words of texts, saved as a Hugging Face folder."""
     from collections import Counter
 
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = [w for w, _ in Counter(w for t in texts for w in t.lower().replace(":", " ").split()).most_common(VOCAB_WORDS)]
+    words = [w for w, _ in Counter(w for t in texts for w in t.lower().replace(":", " ").split()).most_common(words)]
     vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()

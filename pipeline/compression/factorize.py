@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -76,16 +76,48 @@ def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     return min(singular_values.numel(), math.ceil(rank / RANK_QUANTUM) * RANK_QUANTUM)
 
 
-def factorizable_layers(model: nn.Module, scope: Literal["trainable", "all"] = "all", embeddings: bool = False) -> list[tuple[str, nn.Module]]:
+# Modules whose forward reads their child layers' .weight directly (torch's fused attention and
+# fast-path transformer layers): a child swapped for two thin layers would break them.
+WEIGHT_READERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def factorizable_layers(model: nn.Module, scope: Literal["trainable", "all"] = "all", embeddings: bool = False,
+                        called: set[str] | None = None, keep: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
+    """Linear and 1x1 conv layers (and token embeddings when asked) in scope that can be swapped for a low-rank pair.
+
+    called: the modules a forward pass calls (None: the built-in models, whose
+    token table is known by name); an embedding only indexed through .weight
+    cannot be swapped. keep: modules left whole (compression.keep).
+    """
     wanted = trainable_names(model) if scope == "trainable" else None
+    readers = read_by_parent(model)
     return [(name, m) for name, m in model.named_modules()
-            if (isinstance(m, nn.Linear) or is_pointwise_conv(m) or (embeddings and is_token_embedding(name, m))) and (wanted is None or any(name == w or name.startswith(w + ".") for w in wanted))]
+            if (isinstance(m, nn.Linear) or is_pointwise_conv(m) or (embeddings and is_token_embedding(name, m, called)))
+            and (wanted is None or _under(name, wanted)) and name not in readers and not _under(name, keep)]
 
 
-def is_token_embedding(name: str, module: nn.Module) -> bool:
-    # Only the token table is called as a module; the position and token-type
-    # tables are indexed through .weight by the encoder, so they stay whole.
-    return isinstance(module, nn.Embedding) and name.rpartition(".")[2] == "word_embeddings"
+def read_by_parent(model: nn.Module) -> dict[str, str]:
+    """{layer: why it stays whole} for the layers whose parent reads their weights directly."""
+    found = {}
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, WEIGHT_READERS):
+            for child_name, child in parent.named_children():
+                if isinstance(child, nn.Linear):
+                    name = f"{parent_name}.{child_name}" if parent_name else child_name
+                    found[name] = f"{type(parent).__name__} reads its {child_name}.weight directly (a low-rank pair would break it)"
+    return found
+
+
+def is_token_embedding(name: str, module: nn.Module, called: set[str] | None = None) -> bool:
+    # The built-in text encoder calls only its token table as a module; the position and token-type
+    # tables are indexed through .weight, so they stay whole. Another model's embeddings count where it calls them.
+    if not isinstance(module, nn.Embedding):
+        return False
+    return name.rpartition(".")[2] == "word_embeddings" if called is None else name in called
 
 
 def trainable_names(model: nn.Module) -> list[str] | None:
@@ -132,7 +164,20 @@ def plan_layer(name: str, layer: nn.Module, energy: float, min_saving: float,
     return LayerPlan(name, (out_features, in_features), rank, kept, before, after), None, (first, second)
 
 
-def token_frequencies(data: Encoded, vocabulary: int, uniform_share: float = 0.2) -> torch.Tensor:
+TokenWeights = torch.Tensor | Mapping[str, torch.Tensor] | None
+
+
+def weights_for(name: str, layer: nn.Module, token_weights: TokenWeights) -> torch.Tensor | None:
+    """The token weights that apply to this layer: an embedding's own, or the vocabulary-long tensor where its rows match."""
+    if token_weights is None or not isinstance(layer, nn.Embedding):
+        return None
+    if isinstance(token_weights, Mapping):
+        return token_weights.get(name)
+    return token_weights if token_weights.numel() == layer.num_embeddings else None
+
+
+def token_frequencies(data: Encoded, vocabulary: int, uniform_share: float = 0.2, ids_name: str = "input_ids",
+                      mask_name: str | None = "attention_mask") -> torch.Tensor:
     """Per-token weights: how often each token occurs in data's (unpadded) text, mixed with a uniform share.
 
     The uniform share keeps a part of the rank for tokens the train split never
@@ -141,7 +186,8 @@ def token_frequencies(data: Encoded, vocabulary: int, uniform_share: float = 0.2
     0.2 gives rank 176 and keeps eval accuracy, share 0 gives rank 128 and
     loses 0.6 points, plain SVD needs rank 264.
     """
-    ids = data.inputs["input_ids"][data.inputs["attention_mask"] > 0]
+    # the model's own input names; a model without a mask counts its padding too
+    ids = data.inputs[ids_name][data.inputs[mask_name] > 0] if mask_name in data.inputs else data.inputs[ids_name]
     counts = torch.bincount(torch.from_numpy(ids.astype("int64")).reshape(-1), minlength=vocabulary).double()
     return (1.0 - uniform_share) * counts / counts.sum() + uniform_share / vocabulary
 
@@ -158,10 +204,11 @@ def _load_factors(pair: nn.Sequential, layer: nn.Module, factors: tuple[torch.Te
 
 
 def layers_with_energy(model: nn.Module, energy: float | None, scope: Literal["trainable", "all"] = "all", embeddings: bool = False,
-                       embedding_energy: float | None = None) -> list[tuple[str, nn.Module, float]]:
+                       embedding_energy: float | None = None, called: set[str] | None = None,
+                       keep: Sequence[str] = ()) -> list[tuple[str, nn.Module, float]]:
     """(name, layer, retained energy) of every layer the stage would try; energy None leaves Linear/1x1 conv alone."""
     chosen = []
-    for name, layer in factorizable_layers(model, scope, embeddings):
+    for name, layer in factorizable_layers(model, scope, embeddings, called, keep):
         layer_energy = embedding_energy if isinstance(layer, nn.Embedding) and embedding_energy is not None else energy
         if layer_energy is not None:
             chosen.append((name, layer, layer_energy))
@@ -182,14 +229,18 @@ def factorize(
     example_inputs: Sequence[torch.Tensor] | None = None,
     embeddings: bool = False,
     embedding_energy: float | None = None,
-    token_weights: torch.Tensor | None = None,
+    token_weights: TokenWeights = None,
+    called: set[str] | None = None,
+    keep: Sequence[str] = (),
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A factorized copy of model and the facts (layers factorized with ranks, layers skipped and why).
 
     energy: retained spectral energy for Linear / 1x1 conv layers (None: leave them whole).
     scope: 'trainable' only touches what pipeline.training.train fine-tunes.
     embeddings: also factorize the token embedding, at embedding_energy (default: energy).
-    token_weights: per-token weights for a data-aware embedding factorization (see low_rank_factors).
+    token_weights: per-token weights for a data-aware embedding factorization (see low_rank_factors): one
+        vocabulary-long tensor (for every embedding of that many rows), or {embedding name: tensor}.
+    called, keep: see factorizable_layers.
     example_inputs, when given, adds MACs before/after to the facts.
     """
     check_energy(energy, embedding_energy)
@@ -197,8 +248,9 @@ def factorize(
     params_before = params_by_branch(factorized)
     macs_before = macs_by_branch(factorized, example_inputs) if example_inputs is not None else None
     plans, skipped = [], []
-    for name, layer, layer_energy in layers_with_energy(factorized, energy, scope, embeddings, embedding_energy):
-        plan, skip, factors = plan_layer(name, layer, layer_energy, min_saving, token_weights if isinstance(layer, nn.Embedding) else None)
+    skipped.extend(Skipped(name, reason) for name, reason in read_by_parent(factorized).items())
+    for name, layer, layer_energy in layers_with_energy(factorized, energy, scope, embeddings, embedding_energy, called, keep):
+        plan, skip, factors = plan_layer(name, layer, layer_energy, min_saving, weights_for(name, layer, token_weights))
         if plan is None:
             skipped.append(skip)
             continue
@@ -225,21 +277,26 @@ def factorize_sensitivity(
     inputs: Sequence[torch.Tensor],
     layers: Sequence[tuple[str, nn.Module, float]],
     labels: torch.Tensor | None = None,
-    token_weights: torch.Tensor | None = None,
+    token_weights: TokenWeights = None,
+    branches: Mapping[str, str] | None = None,
 ) -> list[Sensitivity]:
-    """Each (name, layer, energy) alone replaced by the low-rank product the factorize stage would build."""
+    """Each (name, layer, energy) alone replaced by the low-rank product the factorize stage would build.
+
+    branches: {layer: branch} where the module names do not say it (a user's model); else pipeline's branch_of.
+    """
 
     runner = BranchRunner(model, inputs)
     results = []
     for name, layer, energy in layers:
-        _, _, first, second = low_rank_factors(layer, energy, token_weights if isinstance(layer, nn.Embedding) else None)
+        _, _, first, second = low_rank_factors(layer, energy, weights_for(name, layer, token_weights))
         original = layer.weight.data.clone()
         approximation = second @ first  # out x in
         # an embedding's weight is vocabulary x hidden, the transpose of its out x in view
         layer.weight.data = (approximation.t() if isinstance(layer, nn.Embedding) else approximation).reshape(original.shape).contiguous()
         try:
-            logits = runner.logits(branch_of(name))
+            branch = (branches or {}).get(name) or branch_of(name)
+            logits = runner.logits(branch)
         finally:
             layer.weight.data = original
-        results.append(Sensitivity(name, branch_of(name), energy, *compare_logits(runner.reference, logits, labels), original.numel()))
+        results.append(Sensitivity(name, branch, energy, *compare_logits(runner.reference, logits, labels), original.numel()))
     return results

@@ -23,9 +23,9 @@ def count_params(module: nn.Module) -> int:
 
 def params_by_branch(model: nn.Module) -> dict[str, int]:
     """Parameters per branch and in total (a model without branches counts as one 'total')."""
-    counts = {branch: sum(count_params(getattr(model, part)) for part in parts if hasattr(model, part)) for branch, parts in BRANCH_PARTS.items()}
-    if not any(counts.values()):
+    if not all(hasattr(model, part) for part in ("image_encoder", "text_encoder")):  # not FusedClassifier-shaped: no parts to name
         return {"total": count_params(model)}
+    counts = {branch: sum(count_params(getattr(model, part)) for part in parts if hasattr(model, part)) for branch, parts in BRANCH_PARTS.items()}
     return {**counts, "total": count_params(model)}
 
 

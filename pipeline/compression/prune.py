@@ -24,7 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.compression.structure import append_step, dependency_graph, json_history, set_num_heads, sync_feature_widths
+from pipeline.compression.discover import Discovery, check_keep, discover_units
+from pipeline.compression.pruners import RECURRENT_TYPES
+from pipeline.compression.structure import (append_step, dependency_graph, json_history, set_num_heads,
+                                            sync_feature_widths, unit_group)
 from pipeline.compression.units import Unit, kept_channels, prunable_units
 from pipeline.data.encode import Encoded
 from pipeline.errors import InputError
@@ -60,8 +63,9 @@ def branch_ratios(compression: Compression) -> dict[str, float]:
 def prune_settings(compression: Compression, importance: str = "magnitude", scope: Scope = "trainable",
                    unit_ratios: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Everything that changes the pruned model: part of the stage's cache key."""
-    return {"ratios": branch_ratios(compression), "text_depth": compression.text_depth, "importance": importance, "scope": branch_scope(scope), "round_to": 8,
-            "unit_ratios": dict(sorted((unit_ratios or {}).items()))}
+    settings = {"ratios": branch_ratios(compression), "text_depth": compression.text_depth, "importance": importance, "scope": branch_scope(scope),
+                "round_to": 8, "unit_ratios": dict(sorted((unit_ratios or {}).items()))}
+    return settings | ({"keep": list(compression.keep)} if compression.keep else {})
 
 
 def check_ratios(ratios: Mapping[str, float], units: Sequence[Unit]) -> None:
@@ -72,7 +76,7 @@ def check_ratios(ratios: Mapping[str, float], units: Sequence[Unit]) -> None:
                              f"{ratio} would remove {'every channel of' if ratio >= 1 else 'more than'} the {branch} branch")
         if ratio > 0 and not any(u.branch == branch for u in units):
             raise InputError(f"compression.prune_{branch} = {ratio}, but this model has no prunable {branch} units "
-                             "(only the reference fused models are supported); set it to 0")
+                             "(the manifest's prune facts list the groups left whole and why); set it to 0")
 
 
 def check_unit_ratios(unit_ratios: Mapping[str, float], units: Sequence[Unit]) -> None:
@@ -92,10 +96,30 @@ def branch_scope(scope: Scope) -> dict[str, str]:
     return dict(sorted(reach.items()))
 
 
-def units_in_scope(model: nn.Module, scope: Scope) -> list[Unit]:
+def model_units(model: nn.Module, example_inputs: Sequence[torch.Tensor], keep: Sequence[str] = ()) -> tuple[list[Unit], Discovery | None]:
+    """The model's prunable units: the built-in models' described ones, else discovered from the dependency graph (and the discovery).
+
+    keep: module names whose outputs stay whole (compression.keep), with everything inside them.
+    """
+    described = prunable_units(model)
+    if not described:
+        discovery = discover_units(model, example_inputs, keep)
+        return list(discovery.units), discovery
+    check_keep(model, keep)
+    pinned = lambda unit: any(unit.root == k or unit.root.startswith(k + ".") for k in keep)
+    return [u for u in described if not pinned(u)], None
+
+
+def nothing_to_prune(discovery: Discovery) -> str:
+    whole = "; ".join(f"{w.module}: {w.reason}" for w in discovery.left_whole[:4]) or "none found"
+    return (f"the model has no prunable group (the logits come from {discovery.output_layer}); groups left whole: {whole}. "
+            "Set compression.prune_image, prune_text and prune_fusion to 0, or leave out pinned modules (compression.keep)")
+
+
+def units_in_scope(model: nn.Module, scope: Scope, example_inputs: Sequence[torch.Tensor], keep: Sequence[str] = ()) -> list[Unit]:
     """The units a ratio reaches: 'trainable' keeps to the part recovery fine-tunes (encoder suffixes, fusion)."""
     reach = branch_scope(scope)
-    return [u for u in prunable_units(model) if reach[u.branch] == "all" or u.trainable]
+    return [u for u in model_units(model, example_inputs, keep)[0] if reach[u.branch] == "all" or u.trainable]
 
 
 def importance_scorer(importance: str):
@@ -134,14 +158,27 @@ def channels_to_remove(unit: Unit, scores: torch.Tensor, keep: int) -> list[int]
     return sorted(torch.argsort(scores)[: scores.numel() - keep].tolist())
 
 
-def unit_group(graph, model: nn.Module, unit: Unit, indices: list[int]):
-    root = model.get_submodule(unit.root)
-    return graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, indices)
-
-
 def unit_scores(graph, model: nn.Module, unit: Unit, scorer) -> torch.Tensor:
     """Group importance of each output channel of the unit's root, over all coupled layers."""
-    return scorer(unit_group(graph, model, unit, list(range(unit.channels)))).detach().float()
+    scores = scorer(unit_group(graph, model, unit, list(range(unit.channels))))
+    return root_magnitude(model.get_submodule(unit.root), unit.channels) if scores is None else scores.detach().float()
+
+
+def root_magnitude(root: nn.Module, channels: int) -> torch.Tensor:
+    """L2 norm of each output channel's weights in the root alone: for groups Torch-Pruning's importance does not score.
+
+    Its group importances know Conv, Linear and the norms, and return nothing
+    for a group of an embedding's width feeding a recurrent layer.
+    """
+    if isinstance(root, nn.Embedding):
+        return root.weight.detach().float().norm(dim=0)
+    if isinstance(root, RECURRENT_TYPES):  # the hidden unit's recurrent rows, over every gate
+        weight = root.weight_hh_l0.detach().float()
+        return weight.view(-1, root.hidden_size, weight.shape[1]).norm(dim=(0, 2))
+    weight = getattr(root, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.shape[0] == channels:
+        return weight.detach().float().reshape(channels, -1).norm(dim=1)
+    return torch.ones(channels)
 
 
 def recovery_split(model: nn.Module, pruned_units: Sequence[str]) -> dict[str, int]:
@@ -194,7 +231,11 @@ def prune(
     if importance == "taylor" and importance_batch is None:
         raise InputError("importance='taylor' needs a labelled batch (importance_batch) to take gradients on")
     ratios = branch_ratios(compression)
-    units = units_in_scope(model, scope)
+    units, discovery = model_units(model, example_inputs, compression.keep)
+    reach = branch_scope(scope)
+    units = [u for u in units if reach[u.branch] == "all" or u.trainable]
+    absent = sorted(b for b, r in ratios.items() if r > 0 and not any(u.branch == b for u in units)) if discovery is not None else []
+    ratios = {b: (0.0 if b in absent else r) for b, r in ratios.items()}  # a user's model need not have every branch
     check_ratios(ratios, units)
     check_unit_ratios(unit_ratios or {}, units)
 
@@ -227,9 +268,11 @@ def prune(
         "macs_after": macs_by_branch(pruned, example_inputs),
         "groups_pruned": len(results),
         "units": [asdict(r) for r in results],
-        "untouched_units": [u.name for u in prunable_units(model) if u.name not in {r.unit for r in results}],
-        "recovery_split": recovery_split(model, [r.unit for r in results]),
+        "untouched_units": [u.name for u in units if u.name not in {r.unit for r in results}],
+        "recovery_split": recovery_split(model, [r.unit for r in results]) if discovery is None else {},  # a user's model trains whole
     }
+    if discovery is not None:
+        facts["discovered"] = discovery.to_json() | {"branches_without_units": absent}
     return pruned, facts
 
 
@@ -241,13 +284,10 @@ def widen_reach(model: nn.Module, compression: Compression) -> None:
     set_trainable_split(model, text_layers=compression.text_layers, image_blocks=compression.image_blocks)
 
 
-MODEL_INPUTS = ("image", "input_ids", "attention_mask")  # the reference fused models' forward arguments
-
-
 def model_batches(data: Encoded, limit: int, size: int = 64) -> list[tuple[torch.Tensor, ...]]:
-    """The first `limit` samples as batches of model inputs."""
+    """The first `limit` samples as batches of model inputs (data's inputs are in the model's forward order)."""
     head = data.subset(range(min(limit, len(data))))
-    return [tuple(torch.from_numpy(b[k]) for k in MODEL_INPUTS) for b in head.batches(size)]
+    return [tuple(torch.from_numpy(array) for array in b.values()) for b in head.batches(size)]
 
 
 def probe_tensors(probe: Encoded) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:

@@ -20,6 +20,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from pipeline.compression.pruners import RECURRENT_TYPES
 from pipeline.compression.structure import dependency_graph
 from pipeline.compression.units import Unit, kept_channels
 from pipeline.compression.prune import channels_to_remove, importance_scorer, unit_group, unit_scores
@@ -97,12 +98,21 @@ def _zero_group_outputs(group) -> list[tuple[torch.Tensor, torch.Tensor, torch.T
         if not graph.is_out_channel_pruning_fn(dep.handler) or not isinstance(module, nn.Module):
             continue
         index = torch.as_tensor(sorted(indices), dtype=torch.long)
-        for attr in ("weight", "bias"):
-            tensor = getattr(module, attr, None)
-            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1:
-                saved.append((tensor.data, index, tensor.data[index].clone()))
-                tensor.data[index] = 0
+        for tensor, rows in _output_slices(module, index):
+            saved.append((tensor.data, rows, tensor.data[rows].clone()))
+            tensor.data[rows] = 0
     return saved
+
+
+def _output_slices(module: nn.Module, index: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | tuple]]:
+    """(tensor, where) whose zeroing makes the module's output channels `index` zero."""
+    if isinstance(module, nn.Embedding):  # a table's channels are its columns
+        return [(module.weight, (slice(None), index))]
+    if isinstance(module, RECURRENT_TYPES):  # a hidden unit's rows in every gate: with zero input and state, its output stays 0
+        rows = torch.cat([index + gate * module.hidden_size for gate in range(module.weight_hh_l0.shape[0] // module.hidden_size)])
+        return [(getattr(module, name), rows) for name in module._flat_weights_names if not name.startswith("weight_hr")]
+    return [(tensor, index) for tensor in (getattr(module, "weight", None), getattr(module, "bias", None))
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1]
 
 
 def _restore(saved) -> None:
@@ -143,13 +153,22 @@ def _group_params(group) -> int:
     seen, total = set(), 0
     for dep, indices in group:
         module = dep.target.module
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or id(module) in seen:
+        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, *RECURRENT_TYPES)) or id(module) in seen:
             continue
         seen.add(id(module))
-        weight = module.weight
-        per_channel = weight.numel() // weight.shape[0] if group._DG.is_out_channel_pruning_fn(dep.handler) else weight.numel() // max(weight.shape[1], 1)
-        total += per_channel * len(indices)
+        total += _per_channel(module, group._DG.is_out_channel_pruning_fn(dep.handler)) * len(indices)
     return total
+
+
+def _per_channel(module: nn.Module, output: bool) -> int:
+    """Parameters one output (or input) channel of the module holds."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings if output else 0
+    if isinstance(module, RECURRENT_TYPES):
+        weights = sum(p.numel() for p in module.parameters())
+        return weights // module.hidden_size if output else weights // max(module.input_size + module.hidden_size, 1)
+    weight = module.weight
+    return weight.numel() // weight.shape[0] if output else weight.numel() // max(weight.shape[1], 1)
 
 
 def allocate_ratios(

@@ -20,6 +20,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from pipeline.compression.pruners import custom_pruners, traced_as_one_node
+
 STRUCTURE_ATTR = "compression_structure"
 # Parameters used directly (not through a layer) that have one entry per modality,
 # not per channel: Torch-Pruning would otherwise guess they follow the channels.
@@ -46,7 +48,64 @@ def dependency_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor]):
         # directly); its default, pruning the last dimension, is the right one.
         warnings.simplefilter("ignore")
         fixed = [p for name, p in model.named_parameters() if name.rpartition(".")[2] in PER_MODALITY_PARAMETERS]
-        return tp.DependencyGraph().build_dependency(model.eval(), example_inputs=tuple(example_inputs), ignored_params=fixed, verbose=False)
+        with traced_as_one_node(model):
+            graph = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=tuple(example_inputs), ignored_params=fixed, verbose=False,
+                                                          customized_pruners=custom_pruners())
+    _map_feature_concats(graph)
+    _pass_through_channel_flattens(graph)
+    return graph
+
+
+def _pass_through_channel_flattens(graph) -> None:
+    """Make a flatten of [N, C, 1, 1] to [N, C] (global pooling, then nn.Flatten) pass channels through one to one.
+
+    Torch-Pruning 1.6 infers a reshape's output width from the layers after it;
+    through a torch.cat that is the concat's whole width, and the pooled image
+    features then map onto the text features beside them. The real shapes are
+    in the autograd graph it traced.
+    """
+    from torch_pruning import ops
+
+    for node in graph.module2node.values():
+        if node.type != ops.OPTYPE.RESHAPE or node.grad_fn is None or not node.grad_fn.next_functions:
+            continue
+        source, index = node.grad_fn.next_functions[0]
+        if source is None or not node.grad_fn._input_metadata:
+            continue
+        before, after = tuple(source._input_metadata[index].shape), tuple(node.grad_fn._input_metadata[0].shape)
+        if len(before) > 2 and len(after) == 2 and before[:2] == after and all(d == 1 for d in before[2:]):
+            node.type = ops.OPTYPE.ELEMENTWISE  # no index mapping is recomputed for it from now on
+            for owner in (node, *node.inputs, *node.outputs):
+                for dep in owner.dependencies:
+                    if node in (dep.source, dep.target):
+                        dep.index_mapping[0] = None
+
+
+def _map_feature_concats(graph) -> None:
+    """Give back the channel offsets of concats along the feature axis of 2-D features.
+
+    Torch-Pruning 1.6 turns off the index mapping of every concat downstream
+    of a 3-D nn.Parameter (a ViT's class token is concatenated along the
+    sequence); a learned position table then makes the fusion's
+    torch.cat([text, image], 1) of pooled features couple the two branches'
+    widths. A concat of 2-D inputs along dim 1 is a concat of channels.
+    """
+    from torch_pruning import ops
+    from torch_pruning.dependency.index_mapping import update_concat_index_mapping
+
+    for node in graph.module2node.values():
+        if node.type != ops.OPTYPE.CONCAT or node.enable_index_mapping:
+            continue
+        shapes = [f._input_metadata[i].shape for f, i in node.grad_fn.next_functions if f is not None]
+        if getattr(node.grad_fn, "_saved_dim", None) in (1, -1) and shapes and all(len(shape) == 2 for shape in shapes):
+            node.enable_index_mapping = True
+            update_concat_index_mapping(graph, node)
+
+
+def unit_group(graph, model: nn.Module, unit, indices: list[int]):
+    """The Torch-Pruning group that removes `indices` of the unit's root's output channels (and everything coupled to them)."""
+    root = model.get_submodule(unit.root)
+    return graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, indices)
 
 
 def json_history(history: Sequence[Sequence[Any]]) -> list[list[Any]]:
@@ -54,11 +113,15 @@ def json_history(history: Sequence[Sequence[Any]]) -> list[list[Any]]:
 
 
 def set_num_heads(model: nn.Module, num_heads: Mapping[str, int]) -> None:
-    """Make each pruned SelfAttention's forward read its new head count (head_dim is unchanged: whole heads go)."""
+    """Make each pruned attention's forward read its new head count (head_dim is unchanged: whole heads go).
+
+    A built-in SelfAttention (query/key/value layers) or a torch nn.MultiheadAttention.
+    """
     for name, heads in num_heads.items():
         attention = model.get_submodule(name)
         attention.num_heads = int(heads)
-        attention.head_dim = attention.query.out_features // int(heads)
+        width = attention.embed_dim if isinstance(attention, nn.MultiheadAttention) else attention.query.out_features
+        attention.head_dim = width // int(heads)
 
 
 def sync_feature_widths(model: nn.Module) -> None:

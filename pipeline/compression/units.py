@@ -106,16 +106,3 @@ def kept_channels(unit: Unit, ratio: float) -> int:
         return unit.channels
     kept = round(unit.channels * (1.0 - ratio) / CHANNEL_QUANTUM) * CHANNEL_QUANTUM
     return min(unit.channels, max(CHANNEL_QUANTUM, kept))
-
-
-def unsupported_reason(description: dict) -> str | None:
-    """Why the compression stages cannot work on a torch artifact's model, or None when they can.
-
-    They know the structure of the built-in fused models (which channels form
-    a unit, which part training can recover); a user's own nn.Module is
-    exported and quantized as it is.
-    """
-    if description.get("kind") != "registry":
-        return (f"model '{description.get('factory', '?')}' is a user model: prune and factorize know the built-in fused models' "
-                "structure only, so it goes to export unpruned")
-    return None

@@ -16,17 +16,18 @@ from pathlib import Path
 from typing import Mapping
 
 from pipeline.artifacts import Artifact
-from pipeline.compression.depth import drop_text_layers
-from pipeline.compression.prune import (branch_ratios, check_ratios, fit_macs_budget, probe_tensors, prune, recalibration_inputs,
-                                        units_in_scope, widen_reach)
+from pipeline.compression.depth import drop_text_layers, text_layer_list
+from pipeline.compression.prune import (branch_ratios, check_ratios, fit_macs_budget, model_units, nothing_to_prune, probe_tensors, prune,
+                                        recalibration_inputs, widen_reach)
 from pipeline.compression.recalibrate import recalibrate_batchnorms
 from pipeline.compression.recovery import Recovery, recover
 from pipeline.compression.sensitivity import allocate_ratios, prune_sensitivity
 from pipeline.data.encode import Encoded, InputSpec
+from pipeline.errors import InputError
 from pipeline.export import example_inputs
 from pipeline.models.checkpoint import load_torch_artifact, read_description, save_torch_artifact
 from pipeline.stages.base import Context, Measure, Pass
-from pipeline.stages.recovery import RecoveryConfig, onnx_source_skip, recovery, recovery_config, structure_unsupported
+from pipeline.stages.recovery import RecoveryConfig, built_in_model, onnx_source_skip, recovery, recovery_config
 from pipeline.store import artifact_digest
 from pipeline.targets import Compression
 
@@ -47,7 +48,7 @@ def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:
     compression, source = ctx.target.compression, done["source"]
     config = PruneConfig(prune_only(compression), recovery_config(ctx, source, compression.recovery_epochs, compression.recovery_lr),
                          ctx.probe_samples)
-    skip = onnx_source_skip(ctx) or ("the target asks for no pruning" if not compression.prunes() else structure_unsupported(done))
+    skip = onnx_source_skip(ctx) or ("the target asks for no pruning" if not compression.prunes() else None)
     model = next(reversed(done.values()))
     run = lambda workdir: prune_stage(model, config.compression, ctx.spec, recovery(ctx, source, config.recovery), ctx.probe(), workdir)
     return Pass("prune", config, model.sha256, run, Measure("torch", reach=compression), code=__name__, gate="prune", skip=skip)
@@ -57,10 +58,18 @@ def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, rec
     """Prune a torch artifact per branch (sensitivity measured on probe, ratios allocated when asked), then recover it."""
     model = load_torch_artifact(source.path)
     inputs, labels = probe_tensors(probe)
-    depth = drop_text_layers(model, compression.text_depth, inputs, labels) if compression.text_depth is not None else None
+    depth = None
+    if compression.text_depth is not None:
+        depth = (drop_text_layers(model, compression.text_depth, inputs, labels) if text_layer_list(model) is not None or built_in_model(source)
+                 else {"skipped": f"compression.text_depth = {compression.text_depth} drops layers of the built-in MiniLM stack; this model has none"})
     widen_reach(model, compression)
     ratios = {branch: r for branch, r in branch_ratios(compression).items() if r > 0}
-    units = [u for u in units_in_scope(model, "trainable") if u.branch in ratios]
+    units, discovery = model_units(model, example_inputs(spec), compression.keep)
+    units = [u for u in units if u.trainable and u.branch in ratios]
+    if discovery is not None:  # a user's model: the branches it has
+        ratios = {branch: r for branch, r in ratios.items() if any(u.branch == branch for u in units)}
+        if not units:
+            raise InputError(nothing_to_prune(discovery))
     check_ratios(ratios, units)
     sensitivities = prune_sensitivity(model, units, inputs, labels)
     allocate = (lambda c: allocate_ratios(sensitivities, branch_ratios(c))) if compression.allocate else (lambda c: None)

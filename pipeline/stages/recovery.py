@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Mapping
 
 from pipeline.artifacts import Artifact
 from pipeline.compression.recovery import Recovery
-from pipeline.compression.units import unsupported_reason
 from pipeline.models.checkpoint import load_torch_artifact, read_description
 from pipeline.stages.base import Context, onnx_source
 from pipeline.training import TrainSettings
@@ -51,6 +49,6 @@ def onnx_source_skip(ctx: Context) -> str | None:
     return ONNX_SOURCE if onnx_source(ctx) is not None else None
 
 
-def structure_unsupported(done: Mapping[str, Artifact]) -> str | None:
-    """Why the structural passes cannot read the source model (a user's own), else None."""
-    return unsupported_reason(read_description(done["source"].path))
+def built_in_model(source: Artifact) -> bool:
+    """Whether the source is a built-in fused model (its structure described by name), not a user's."""
+    return read_description(source.path)["kind"] == "registry"
