@@ -158,20 +158,35 @@ def channels_to_remove(unit: Unit, scores: torch.Tensor, keep: int) -> list[int]
     return sorted(torch.argsort(scores)[: scores.numel() - keep].tolist())
 
 
-def unit_scores(graph, model: nn.Module, unit: Unit, scorer) -> torch.Tensor:
-    """Group importance of each output channel of the unit's root, over all coupled layers."""
+def unit_scores(graph, model: nn.Module, unit: Unit, scorer, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Group importance of each output channel of the unit's root, over all coupled layers.
+
+    tokens: ids the data uses; an embedding's channels are judged on those rows (see root_magnitude).
+    """
     scores = scorer(unit_group(graph, model, unit, list(range(unit.channels))))
-    return root_magnitude(model.get_submodule(unit.root), unit.channels) if scores is None else scores.detach().float()
+    return root_magnitude(model.get_submodule(unit.root), unit.channels, tokens) if scores is None else scores.detach().float()
 
 
-def root_magnitude(root: nn.Module, channels: int) -> torch.Tensor:
+def used_tokens(inputs: Sequence[torch.Tensor] | None) -> torch.Tensor | None:
+    """The distinct ids among a batch's integer inputs (token ids and the 0/1 mask), or None."""
+    integers = [t.reshape(-1) for t in inputs or () if not t.is_floating_point()]
+    return torch.unique(torch.cat(integers)) if integers else None
+
+
+def root_magnitude(root: nn.Module, channels: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """L2 norm of each output channel's weights in the root alone: for groups Torch-Pruning's importance does not score.
 
     Its group importances know Conv, Linear and the norms, and return nothing
-    for a group of an embedding's width feeding a recurrent layer.
+    for a group of an embedding's width feeding a recurrent layer. An
+    embedding's columns are measured on the rows of the tokens the data uses:
+    a from-scratch table's other rows never left their random start, and of
+    MiniLM's 30,522 they are nearly all of it.
     """
     if isinstance(root, nn.Embedding):
-        return root.weight.detach().float().norm(dim=0)
+        table = root.weight.detach().float()
+        if tokens is not None:
+            table = table[tokens[(tokens >= 0) & (tokens < root.num_embeddings)]]
+        return table.norm(dim=0)
     if isinstance(root, RECURRENT_TYPES):  # the hidden unit's recurrent rows, over every gate
         weight = root.weight_hh_l0.detach().float()
         return weight.view(-1, root.hidden_size, weight.shape[1]).norm(dim=(0, 2))
@@ -225,7 +240,7 @@ def prune(
         suffixes, fusion); 'all' prunes every unit (recovery must then reach it: see facts["recovery_split"] and
         set_trainable_split); or a reach per branch, e.g. {"text": "all", "image": "trainable"}.
     unit_ratios: per-unit ratios (from pipeline.compression.sensitivity.allocate) overriding the branch ratio.
-    importance_batch: (inputs, labels) for importance='taylor'.
+    importance_batch: (inputs, labels) for importance='taylor'; its token ids are the rows an embedding's channels are judged on.
     """
     scorer = importance_scorer(importance)
     if importance == "taylor" and importance_batch is None:
@@ -245,12 +260,13 @@ def prune(
     if importance == "taylor":
         _accumulate_gradients(pruned, importance_batch)
     results, num_heads = [], {}
+    tokens = used_tokens(importance_batch[0] if importance_batch is not None else None)
     for unit in units:
         ratio = (unit_ratios or {}).get(unit.name, ratios[unit.branch])
         keep = kept_channels(unit, ratio)
         if ratio <= 0 or keep >= unit.channels:
             continue
-        indices = channels_to_remove(unit, unit_scores(graph, pruned, unit, scorer), keep)
+        indices = channels_to_remove(unit, unit_scores(graph, pruned, unit, scorer, tokens), keep)
         unit_group(graph, pruned, unit, indices).prune()
         if unit.attention is not None:
             num_heads[unit.attention] = keep // unit.step

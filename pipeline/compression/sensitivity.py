@@ -23,7 +23,7 @@ from torch import nn
 from pipeline.compression.pruners import RECURRENT_TYPES
 from pipeline.compression.structure import dependency_graph
 from pipeline.compression.units import Unit, kept_channels
-from pipeline.compression.prune import channels_to_remove, importance_scorer, unit_group, unit_scores
+from pipeline.compression.prune import channels_to_remove, importance_scorer, unit_group, unit_scores, used_tokens
 from pipeline.progress import track
 
 
@@ -136,7 +136,7 @@ def prune_sensitivity(
     results = []
     for unit in track(units, desc="sensitivity", unit="unit"):
         keep = kept_channels(unit, probe_ratio)
-        indices = channels_to_remove(unit, unit_scores(graph, model, unit, scorer), keep)
+        indices = channels_to_remove(unit, unit_scores(graph, model, unit, scorer, used_tokens(inputs)), keep)
         group = unit_group(graph, model, unit, indices)
         size = _group_params(unit_group(graph, model, unit, list(range(unit.channels))))
         saved = _zero_group_outputs(group)
