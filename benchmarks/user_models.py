@@ -49,15 +49,15 @@ def row(name: str, wall: float, out: Path, verify_code: int) -> str:
     stages = {s["name"]: s for s in manifest["stages"]}
     source, shipped = manifest["stages"][0], manifest["stages"][-1]
     params = shipped["footprint"]["params"]["total"] / source["footprint"]["params"]["total"]
-    macs = shipped["footprint"]["macs"]["total"] / source["footprint"]["macs"]["total"] if "total" in source["footprint"]["macs"] else float("nan")
+    macs = shipped["footprint"]["macs"]["total"] / source["footprint"]["macs"]["total"] if "total" in source["footprint"]["macs"] else None
     low, high = shipped["parity"]["paired"]["delta_ci_pts"]
     prune = (stages.get("prune") or {}).get("facts") or {}
     discovered = prune.get("discovered") or {}
     times = " / ".join(f"{stages[s]['wall_s']:.0f}" if s in stages else "-" for s in ("source", "prune", "factorize", "export", "quantize"))
     return (f"| {name} | {manifest['status']} | {source['parity']['accuracy']:.3f} | {shipped['parity']['accuracy']:.3f} | "
             f"{shipped['parity']['delta_pts']:+.2f} [{low:+.2f}, {high:+.2f}] | {shipped['parity']['vs_reference']['agreement']:.3f} | "
-            f"{source['footprint']['params']['total'] / 1e3:.0f}k -> {params:.0%} | {macs:.0%} | {times} | {wall:.0f} | "
-            f"{'ok' if verify_code == 0 else f'exit {verify_code}'} | {len(prune.get('units', []))} / {len(discovered.get('left_whole', []))} |")
+            f"{source['footprint']['params']['total'] / 1e3:.0f}k -> {params:.0%} | {'-' if macs is None else f'{macs:.0%}'} | {times} | {wall:.0f} | "
+            f"{'ok' if verify_code == 0 else 'no bundle' if verify_code < 0 else f'exit {verify_code}'} | {len(prune.get('units', []))} / {len(discovered.get('left_whole', []))} |")
 
 
 def main() -> int:
