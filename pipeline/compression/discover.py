@@ -210,7 +210,7 @@ def _head_step(members: Sequence[tuple[str, nn.Module, bool]]) -> int:
     return math.lcm(*dims) if dims else 1
 
 
-def _why_whole(members, reach: dict[str, frozenset[str]], pinned: Sequence[str], classifier: str) -> str | None:
+def _why_whole(members, pinned: Sequence[str], classifier: str) -> str | None:
     for name, module, is_out in members:
         if not is_out:
             continue
@@ -262,7 +262,7 @@ def _candidate_groups(model: nn.Module, graph, reach, pinned: Sequence[str], cla
             continue
         members = _group_modules(graph, group)
         visited.update(id(m) for _, m, is_out in members if is_out)
-        reason = _why_whole(members, reach, pinned, classifier)
+        reason = _why_whole(members, pinned, classifier)
         branch = group_branch(members, reach)
         if reason is None and branch is None:
             reason = "no input reaches it on the example batch"
