@@ -130,9 +130,9 @@ def _perturbed(inputs: Sequence[torch.Tensor], branch: str) -> tuple[torch.Tenso
     return tuple(changed)
 
 
-def input_reach(model: nn.Module, inputs: Sequence[torch.Tensor]) -> dict[str, frozenset[str]]:
-    """{module: the branches ('image', 'text') whose input reaches it}."""
-    base, _, _ = _module_outputs(model, inputs)
+def input_reach(model: nn.Module, inputs: Sequence[torch.Tensor], base: dict[str, list[torch.Tensor]] | None = None) -> dict[str, frozenset[str]]:
+    """{module: the branches ('image', 'text') whose input reaches it}; base: the modules' outputs on inputs, if already run."""
+    base = base if base is not None else _module_outputs(model, inputs)[0]
     reach = {name: set() for name in base}
     for branch in sorted({_branch_of_input(t) for t in inputs}):
         moved, _, _ = _module_outputs(model, _perturbed(inputs, branch))
@@ -300,7 +300,7 @@ def discover_units(model: nn.Module, inputs: Sequence[torch.Tensor], keep: Seque
     """The prunable units of any model (see the module docstring), each checked by pruning a copy and running it."""
     check_keep(model, keep)
     outputs, order, result = _module_outputs(model, inputs)
-    reach = input_reach(model, inputs)
+    reach = input_reach(model, inputs, outputs)
     classifier = output_layer(model, order, outputs, result)
     graph = dependency_graph(model, inputs)
     units, whole = [], []

@@ -232,6 +232,7 @@ def prune(
     scope: Scope = "trainable",
     unit_ratios: Mapping[str, float] | None = None,
     importance_batch: tuple[Sequence[torch.Tensor], torch.Tensor] | None = None,
+    found: tuple[list[Unit], Discovery | None] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A pruned copy of model and the facts of what went.
 
@@ -241,12 +242,14 @@ def prune(
         set_trainable_split); or a reach per branch, e.g. {"text": "all", "image": "trainable"}.
     unit_ratios: per-unit ratios (from pipeline.compression.sensitivity.allocate) overriding the branch ratio.
     importance_batch: (inputs, labels) for importance='taylor'; its token ids are the rows an embedding's channels are judged on.
+    found: model_units(model, example_inputs, compression.keep) when the caller has it (a user's model's
+        discovery prunes a trial copy: not worth doing again for the same model).
     """
     scorer = importance_scorer(importance)
     if importance == "taylor" and importance_batch is None:
         raise InputError("importance='taylor' needs a labelled batch (importance_batch) to take gradients on")
     ratios = branch_ratios(compression)
-    units, discovery = model_units(model, example_inputs, compression.keep)
+    units, discovery = found if found is not None else model_units(model, example_inputs, compression.keep)
     reach = branch_scope(scope)
     units = [u for u in units if reach[u.branch] == "all" or u.trainable]
     absent = sorted(b for b, r in ratios.items() if r > 0 and not any(u.branch == b for u in units)) if discovery is not None else []
@@ -318,7 +321,8 @@ def scaled(compression: Compression, factor: float) -> Compression:
 
 
 def fit_macs_budget(model: nn.Module, compression: Compression, example_inputs: tuple,
-                    allocate: Callable[[Compression], Mapping[str, float] | None], steps: int = 8) -> tuple[Compression, dict[str, Any]]:
+                    allocate: Callable[[Compression], Mapping[str, float] | None], steps: int = 8,
+                    found: tuple[list[Unit], Discovery | None] | None = None) -> tuple[Compression, dict[str, Any]]:
     """Scale every branch ratio by one factor: the smallest whose pruned model has at most budget_macs of model's MACs.
 
     The target's branch ratios say how the budget is split between branches
@@ -330,8 +334,9 @@ def fit_macs_budget(model: nn.Module, compression: Compression, example_inputs: 
     highest = max(branch_ratios(compression).values())
     if highest <= 0:
         raise InputError(f"compression.budget_macs = {budget} needs at least one prune ratio > 0 to say which branches may shrink")
+    found = found if found is not None else model_units(model, example_inputs, compression.keep)
     macs_at = lambda factor: count_macs(prune(model, scaled(compression, factor), example_inputs, "magnitude", "trainable",
-                                              allocate(scaled(compression, factor)))[0], example_inputs) / reference
+                                              allocate(scaled(compression, factor)), found=found)[0], example_inputs) / reference
     low, high = 0.0, MAX_BUDGET_RATIO / highest
     if macs_at(high) > budget:
         raise InputError(f"compression.budget_macs = {budget}: even ratios of up to {MAX_BUDGET_RATIO} leave {macs_at(high):.2f} of the MACs; "

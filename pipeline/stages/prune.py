@@ -64,7 +64,8 @@ def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, rec
                  else {"skipped": f"compression.text_depth = {compression.text_depth} drops layers of the built-in MiniLM stack; this model has none"})
     widen_reach(model, compression)
     ratios = {branch: r for branch, r in branch_ratios(compression).items() if r > 0}
-    units, discovery = model_units(model, example_inputs(spec), compression.keep)
+    found = model_units(model, example_inputs(spec), compression.keep)
+    units, discovery = found
     units = [u for u in units if u.trainable and u.branch in ratios]
     if discovery is not None:  # a user's model: the branches it has
         ratios = {branch: r for branch, r in ratios.items() if any(u.branch == branch for u in units)}
@@ -75,9 +76,9 @@ def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, rec
     allocate = (lambda c: allocate_ratios(sensitivities, branch_ratios(c))) if compression.allocate else (lambda c: None)
     budget = None
     if compression.budget_macs is not None:
-        compression, budget = fit_macs_budget(model, compression, example_inputs(spec), allocate)
+        compression, budget = fit_macs_budget(model, compression, example_inputs(spec), allocate, found=found)
     pruned, facts = prune(model, compression, example_inputs(spec), compression.importance, "trainable", allocate(compression),
-                          importance_batch=(inputs, labels))
+                          importance_batch=(inputs, labels), found=found)
     facts["budget"] = budget
     facts["depth"] = depth
     facts["recalibrated_batchnorms"] = recalibrate_batchnorms(model, pruned, *recalibration_inputs(model, pruned, recovery))
