@@ -146,7 +146,7 @@ def summary_table(manifest: dict[str, Any]) -> str:
     out += confident_lines(stages)
     out += [f"resolution: {s['resolution']}" for s in stages if s.get("resolution")]
     out += gate_mode_lines(stages)
-    out += branch_lines(stages) + depth_lines(stages) + sensitivity_lines(stages)
+    out += branch_lines(stages) + depth_lines(stages) + vocabulary_lines(stages) + sensitivity_lines(stages)
     for stage in manifest["stages"]:
         facts = stage.get("facts") or {}
         if facts.get("ort_session_config"):
@@ -209,6 +209,23 @@ def reused_latency_lines(stages: list[dict[str, Any]]) -> list[str]:
     return [f"latency: b1/b16 ms of {', '.join(reused)} were measured by the earlier build that made "
             f"{'that artifact' if len(reused) == 1 else 'those artifacts'}; ratios between runs mix machine states "
             "(time a build's files side by side: python -m pipeline bench --out DIR)"]
+
+
+def vocabulary_lines(stages: list[dict[str, Any]]) -> list[str]:
+    """The token tables trimmed to the train split's ids, and the user budget the pruning was fitted to."""
+    lines = []
+    for stage in stages:
+        facts = stage.get("facts") or {}
+        for table in (facts.get("vocabulary") or {}).get("trimmed") or []:
+            lines.append(f"{stage['name']:>9} vocabulary: {table['module']} {table['rows_before']} -> {table['rows_after']} rows "
+                         f"(the ids the train split reads; {table['calib_ids_with_own_row']} of the {table['calib_ids']} distinct calib ids keep a row of their own, "
+                         "the rest share one)")
+        budget = facts.get("budget") or {}
+        if "user_budget" in budget:
+            wanted = ", ".join(f"{k} <= {v:g}" for k, v in budget["user_budget"].items() if v is not None)
+            lines.append(f"{stage['name']:>9} budget ({wanted}): the target's ratios x {budget['factor']:g} -> params {budget['params_after']:.2f}, "
+                         f"MACs {budget['macs_after']:.2f} of the source" + (f"; {budget['out_of_reach']}" if budget.get("out_of_reach") else ""))
+    return lines
 
 
 def depth_lines(stages: list[dict[str, Any]]) -> list[str]:

@@ -102,6 +102,14 @@ class Builder:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """Shares of the source model's parameters and MACs a compressed model may keep (None: no limit on that one)."""
+
+    params: float | None = None
+    macs: float | None = None
+
+
+@dataclass(frozen=True)
 class Compression:
     """Budget for the structural stages (prune, factorize); all zeros / None skip them."""
 
@@ -119,6 +127,9 @@ class Compression:
     allocate: bool = False  # per-unit ratios from measured sensitivity (same parameter budget per branch)
     # Global budget: prune to at most this fraction of the MACs (the branch ratios are scaled together to fit).
     budget_macs: float | None = None
+    # A model whose units are discovered (a user's: the ratios above were measured on the built-in ones) is pruned
+    # no further than this budget asks: its ratios scaled by the least factor (at most 1) that fits it (pipeline.compression.prune.fit_user_budget).
+    user_budget: Budget | None = None
     factorize_energy: float | None = None  # Linear / 1x1 conv: retained spectral energy; None skips them
     embedding_energy: float | None = None  # the token embedding (45% of the default model's parameters); None leaves it whole
     recovery_epochs: int = 4  # distillation budget after each structural stage (ends sooner at a plateau of the calib KL)
@@ -136,6 +147,9 @@ class Compression:
     factorize_epochs: int | None = None
     # Modules (by name, e.g. "encoder.layers.0") neither stage changes: their outputs are not pruned, their layers not factorized.
     keep: tuple[str, ...] = ()
+    # Token tables: keep the rows the train split reads, every other id sharing one row (pipeline/compression/vocabulary.py).
+    # "auto": the tables a model's factory starts at random, when the source was trained here; "train": every table; "whole": none.
+    vocabulary: Literal["auto", "train", "whole"] = "auto"
 
     def prunes(self) -> bool:
         return any(r > 0 for r in (self.prune_image, self.prune_text, self.prune_fusion)) or self.text_depth is not None
@@ -282,6 +296,10 @@ def _check_consistency(target: Target, where: str) -> None:
                              + ("every layer)" if name == "text_depth" else "the model's own trained tail)"))
     if comp.budget_macs is not None and not 0.0 < comp.budget_macs < 1.0:
         raise InputError(f"{where}: compression.budget_macs = {comp.budget_macs} must be in (0, 1): a fraction of the reference's MACs")
+    for name in ("params", "macs"):
+        share = getattr(comp.user_budget, name) if comp.user_budget is not None else None
+        if share is not None and not 0.0 < share <= 1.0:
+            raise InputError(f"{where}: compression.user_budget.{name} = {share} must be in (0, 1]: a share of the source model's {name}")
     if not comp.recovery_lr > 0:
         raise InputError(f"{where}: compression.recovery_lr = {comp.recovery_lr} must be > 0")
     if comp.recovery_epochs < 0:

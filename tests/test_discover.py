@@ -246,3 +246,41 @@ def test_factorize_takes_any_linear_and_embedding_but_not_the_layers_torch_atten
     assert "reads its out_proj.weight directly" in skipped["attend.out_proj"]
     assert "reads its linear1.weight directly" in skipped["encoder.layers.0.linear1"]
     assert factorized(*example()).shape == (2, 2)
+
+
+# ---------------------------------------------------------------- a user's budget
+
+
+def test_a_user_budget_prunes_no_further_than_it_needs_and_says_when_the_ratios_cannot_reach_it():
+    from pipeline.compression.measure import count_macs
+    from pipeline.compression.prune import fit_user_budget, model_units, scaled
+    from pipeline.targets import Budget
+
+    model = Recurrent().eval()
+    found = quiet(model_units, model, example())
+    source_params, macs = sum(p.numel() for p in model.parameters()), count_macs(model, example())
+    at = lambda compression, ratios=None: count_macs(quiet(prune, model, compression, example(), unit_ratios=ratios, found=found)[0], example()) / macs
+    fitted, ratios, facts = quiet(fit_user_budget, model, HALF, example(), Budget(macs=0.8), source_params, lambda c: None, found)
+    assert 0 < facts["factor"] < 1 and fitted.prune_text == pytest.approx(HALF.prune_text * facts["factor"], abs=1e-4)
+    assert at(fitted, ratios) <= 0.8 < at(scaled(HALF, facts["factor"] / 2))  # fits, and half as much pruning would not
+    assert at(HALF) < at(fitted, ratios)  # the target's ratios would have pruned more than the budget asks
+    fitted, ratios, facts = quiet(fit_user_budget, model, HALF, example(), Budget(macs=0.01), source_params, lambda c: None, found)
+    assert fitted == HALF and facts["factor"] == 1.0 and "pruned at those ratios" in facts["out_of_reach"]
+
+
+def test_under_a_user_budget_a_sensitive_unit_the_budget_does_not_need_pruned_stays_whole():
+    from pipeline.compression.measure import count_macs
+    from pipeline.compression.prune import fit_user_budget, model_units
+    from pipeline.targets import Budget
+
+    model = Recurrent().eval()
+    found = quiet(model_units, model, example())
+    names = [u.name for u in found[0]]
+    embedding = next(n for n in names if n.endswith("embed"))  # lookups are no MACs: a MACs budget never needs its width
+    source_params, macs = sum(p.numel() for p in model.parameters()), count_macs(model, example())
+    fitted, ratios, facts = quiet(fit_user_budget, model, HALF, example(), Budget(macs=0.9), source_params, lambda c: None, found,
+                                  [embedding, *[n for n in names if n != embedding]])
+    assert embedding in facts["spared"] and ratios[embedding] == 0.0
+    pruned, prune_facts = quiet(prune, model, fitted, example(), unit_ratios=ratios, found=found)
+    assert pruned.embed.embedding_dim == 32 and count_macs(pruned, example()) <= 0.9 * macs
+    assert prune_facts["groups_pruned"] >= 1

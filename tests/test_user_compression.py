@@ -89,7 +89,15 @@ def test_torch_transformer_layers_with_cross_attention_prune_what_they_can_and_n
     compressed_within_budget(manifest)
     units = pruned_units(manifest)
     assert any(name.startswith("text.encoder.layers.") for name in units)  # the feed-forward widths
-    whole = stage(manifest, "prune")["facts"]["discovered"]["left_whole"]
+    facts = stage(manifest, "prune")["facts"]
+    (table,) = facts["vocabulary"]["trimmed"]  # trained from scratch here: the rows of MiniLM's ids the train split never reads go
+    assert table["module"] == "token_embedding.0" and table["rows_before"] == 30522 and table["rows_after"] < 1000
+    assert 0 < table["calib_ids_with_own_row"] < table["calib_ids"]
+    assert facts["budget"]["user_budget"] == {"params": 0.5, "macs": 0.7}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"vocabulary: token_embedding.0 30522 -> {table['rows_after']} rows" in report and "budget (params <= 0.5, macs <= 0.7)" in report
+    assert facts["budget"]["params_after"] <= 0.5 and ("out_of_reach" in facts["budget"] or facts["budget"]["macs_after"] <= 0.7)
+    whole = facts["discovered"]["left_whole"]
     # the width the text queries and image keys share meets a 3-D torch.cat Torch-Pruning 1.6 does not map: a pruned copy fails, so it stays
     assert any(w["module"] == "patchify.2" and "no longer runs" in w["reason"] for w in whole)
 

@@ -28,11 +28,12 @@ from pipeline.compression.discover import Discovery, check_keep, discover_units
 from pipeline.compression.pruners import RECURRENT_TYPES
 from pipeline.compression.structure import (append_step, dependency_graph, json_history, set_num_heads,
                                             sync_feature_widths, unit_group)
+from pipeline.compression.trimmed import TrimmedEmbedding
 from pipeline.compression.units import Unit, kept_channels, prunable_units
 from pipeline.data.encode import Encoded
 from pipeline.errors import InputError
 from pipeline.compression.recovery import Recovery
-from pipeline.targets import Compression
+from pipeline.targets import Budget, Compression
 from pipeline.compression.measure import count_macs, macs_by_branch, params_by_branch
 from pipeline.compression.recalibrate import stale_batchnorms
 from pipeline.training import prefix_outputs
@@ -184,7 +185,9 @@ def root_magnitude(root: nn.Module, channels: int, tokens: torch.Tensor | None =
     """
     if isinstance(root, nn.Embedding):
         table = root.weight.detach().float()
-        if tokens is not None:
+        if isinstance(root, TrimmedEmbedding) and tokens is not None:  # the ids are the original vocabulary's
+            table = table[root.rows_of(tokens)]
+        elif tokens is not None:
             table = table[tokens[(tokens >= 0) & (tokens < root.num_embeddings)]]
         return table.norm(dim=0)
     if isinstance(root, RECURRENT_TYPES):  # the hidden unit's recurrent rows, over every gate
@@ -349,6 +352,55 @@ def fit_macs_budget(model: nn.Module, compression: Compression, example_inputs: 
             low, high = (low, middle) if macs_at(middle) <= budget else (middle, high)
     fitted = scaled(compression, high)
     return fitted, {"macs_fraction": budget, "factor": round(high, 4), "ratios": branch_ratios(fitted), "macs_after": round(macs_at(high), 4)}
+
+
+def fit_user_budget(model: nn.Module, compression: Compression, example_inputs: tuple, budget: Budget, source_params: int,
+                    allocate: Callable[[Compression], Mapping[str, float] | None], found: tuple[list[Unit], Discovery | None],
+                    most_sensitive_first: Sequence[str] = (), steps: int = 8) -> tuple[Compression, dict[str, float], dict[str, Any]]:
+    """The least pruning of the target's shape that fits budget (params as a share of source_params): ratios, per-unit ratios, facts.
+
+    The target's ratios were measured on the built-in models. On a user's model
+    they say how the pruning is split between branches and how far it may go;
+    pruning further than the budget needs costs accuracy for nothing (three small
+    test models pruned at the jetson ratios lost 1.4 to 3.4 points,
+    benchmarks/user_models.py). First every branch ratio is scaled by the least
+    factor in [0, 1] that fits (bisection, pruning a copy at each step: shapes
+    only, no recovery); then each pruned unit, the most sensitive first, is left
+    whole where the budget still fits without it (a 16-wide token table halved
+    saves almost nothing once trimmed, and costs the most). Where even the
+    target's ratios leave more than the budget, they are used as they are and
+    the facts say so.
+    """
+    macs = count_macs(model, example_inputs)
+
+    def shares(factor: float, spared: Sequence[str] = ()) -> tuple[float, float]:
+        ratios = {**(allocate(scaled(compression, factor)) or {}), **{name: 0.0 for name in spared}}
+        pruned = prune(model, scaled(compression, factor), example_inputs, "magnitude", "trainable", ratios or None, found=found)[0]
+        return sum(p.numel() for p in pruned.parameters()) / source_params, count_macs(pruned, example_inputs) / macs
+
+    fits = lambda at: (budget.params is None or at[0] <= budget.params) and (budget.macs is None or at[1] <= budget.macs)
+    facts: dict[str, Any] = {"user_budget": dataclasses.asdict(budget)}
+    if not fits(shares(1.0)):
+        params, macs_share = shares(1.0)
+        return compression, allocate(compression) or {}, facts | {
+            "factor": 1.0, "ratios": branch_ratios(compression), "spared": [], "params_after": round(params, 4), "macs_after": round(macs_share, 4),
+            "out_of_reach": "the target's ratios leave more than the budget: pruned at those ratios"}
+    low, high = 0.0, 1.0
+    if fits(shares(0.0)):
+        high = 0.0
+    for _ in range(steps if high > 0 else 0):
+        middle = (low + high) / 2
+        low, high = (low, middle) if fits(shares(middle)) else (middle, high)
+    fitted = scaled(compression, high)
+    pruned_units = {u.name for u in found[0] if kept_channels(u, (allocate(fitted) or {}).get(u.name, branch_ratios(fitted)[u.branch])) < u.channels}
+    spared: list[str] = []
+    for name in (n for n in most_sensitive_first if n in pruned_units and high > 0):
+        if fits(shares(high, [*spared, name])):
+            spared.append(name)
+    params, macs_share = shares(high, spared)
+    unit_ratios = {**(allocate(fitted) or {}), **{name: 0.0 for name in spared}}
+    return fitted, unit_ratios, facts | {"factor": round(high, 4), "ratios": branch_ratios(fitted), "spared": spared,
+                                         "params_after": round(params, 4), "macs_after": round(macs_share, 4)}
 
 
 def recalibration_inputs(model: nn.Module, pruned: nn.Module, recovery: Recovery) -> tuple[list[tuple[torch.Tensor, ...]], Callable | None]:

@@ -5,10 +5,12 @@ A compressed model carries an ordered list of steps as a plain attribute
   {"op": "prune", "history": [[module, is_out_channels, [indices]], ...], "num_heads": {attention: heads}}
   {"op": "factorize", "layers": [{"module": name, "rank": r}, ...]}
   {"op": "keep_layers", "module": "text_encoder.encoder.layer", "kept": [indices]}  (depth pruning)
+  {"op": "trim_vocabulary", "tables": [{"module": name, "vocabulary": ids, "kept": [ids]}, ...]}  (pipeline.compression.vocabulary)
 save_torch_artifact writes the list into model.json under "structure";
 load_torch_artifact builds the reference architecture, replays the steps on
 it (Torch-Pruning's load_pruning_history for pruning, thin layer pairs for
-factorization, a shorter layer list for depth pruning), then loads the weights with weights_only=True.
+factorization, a shorter layer list for depth pruning, a TrimmedEmbedding
+per trimmed table), then loads the weights with weights_only=True.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.compression.pruners import custom_pruners, traced_as_one_node
+from pipeline.compression.trimmed import TrimmedEmbedding
 
 STRUCTURE_ATTR = "compression_structure"
 # Parameters used directly (not through a layer) that have one entry per modality,
@@ -171,6 +174,8 @@ def low_rank_pair(layer: nn.Module, rank: int) -> nn.Sequential:
     Embedding (a Gather) and a Linear back to the hidden width (ALBERT's
     factorized embedding).
     """
+    if isinstance(layer, TrimmedEmbedding):  # the narrow table keeps the id-to-row map
+        return nn.Sequential(layer.with_width(rank), nn.Linear(rank, layer.embedding_dim, bias=False))
     if isinstance(layer, nn.Embedding):
         return nn.Sequential(nn.Embedding(layer.num_embeddings, rank, padding_idx=layer.padding_idx), nn.Linear(rank, layer.embedding_dim, bias=False))
     if isinstance(layer, nn.Linear):
@@ -205,6 +210,15 @@ def replay_kept_layers(model: nn.Module, step: Mapping[str, Any]) -> None:
         owner.split_at = sum(1 for i in step["kept"] if int(i) < owner.split_at)
 
 
+# ---------------------------------------------------------------- vocabulary
+
+
+def replay_trimmed_vocabulary(model: nn.Module, step: Mapping[str, Any]) -> None:
+    for table in step["tables"]:
+        old = model.get_submodule(table["module"])
+        replace_module(model, table["module"], TrimmedEmbedding(table["kept"], int(table["vocabulary"]), old.embedding_dim, old.padding_idx))
+
+
 # ---------------------------------------------------------------- rebuild
 
 
@@ -217,6 +231,8 @@ def apply_structure(model: nn.Module, steps: Sequence[Mapping[str, Any]], exampl
             replay_factorization(model, step)
         elif step["op"] == "keep_layers":
             replay_kept_layers(model, step)
+        elif step["op"] == "trim_vocabulary":
+            replay_trimmed_vocabulary(model, step)
         else:
             raise ValueError(f"unknown structure step '{step['op']}' in model.json")
         append_step(model, step)

@@ -23,6 +23,7 @@ from pipeline.compression.discover import called_modules, module_branches
 from pipeline.compression.factorize import factorize, factorize_sensitivity, layers_with_energy, token_frequencies
 from pipeline.compression.prune import probe_tensors, set_trainable_split
 from pipeline.compression.recovery import Recovery, recover
+from pipeline.compression.trimmed import TrimmedEmbedding, vocabulary_size
 from pipeline.data.encode import Encoded, InputSpec
 from pipeline.errors import InputError
 from pipeline.export import example_inputs
@@ -61,13 +62,20 @@ def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:
 
 
 def token_tables_weights(chosen, train: Encoded, spec: InputSpec) -> dict[str, torch.Tensor]:
-    """Token-frequency weights for each chosen embedding the token ids index (more rows than the largest id; a position table has fewer)."""
+    """Token-frequency weights for each chosen embedding the token ids index (more ids than the largest id; a position table has fewer).
+
+    A trimmed table's weights are per row: each kept id's own, and the shared row all the dropped ids' together.
+    """
     if "input_ids" not in spec.roles:
         return {}
     ids, mask = spec.name_of("input_ids"), spec.name_of("attention_mask") if "attention_mask" in spec.roles else None
     largest = int(train.inputs[ids].max()) if len(train) else 0
-    return {name: token_frequencies(train, layer.num_embeddings, ids_name=ids, mask_name=mask)
-            for name, layer, _ in chosen if isinstance(layer, nn.Embedding) and layer.num_embeddings > largest}
+    weights = {}
+    for name, layer, _ in chosen:
+        if isinstance(layer, nn.Embedding) and vocabulary_size(layer) > largest:
+            per_id = token_frequencies(train, vocabulary_size(layer), ids_name=ids, mask_name=mask)
+            weights[name] = layer.fold(per_id) if isinstance(layer, TrimmedEmbedding) else per_id
+    return weights
 
 
 def factorize_stage(source: Artifact, compression: Compression, spec: InputSpec, recovery: Recovery, probe: Encoded, workdir: Path) -> Artifact:

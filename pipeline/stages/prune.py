@@ -1,6 +1,8 @@
 """The prune pass: structural pruning per branch, sensitivity-allocated when asked, then recovery by distillation.
 
-Widen the trainable split to the compression's reach, drop the least
+Trim the token tables a model trained here from scratch never read past its
+train split (pipeline.compression.vocabulary), widen the trainable split to
+the compression's reach, drop the least
 sensitive text layers when the target asks for a shallower text branch
 (pipeline.compression.depth), measure each unit's sensitivity, prune
 (pipeline.compression.prune), re-estimate the BatchNorm statistics pruning
@@ -17,15 +19,16 @@ from typing import Mapping
 
 from pipeline.artifacts import Artifact
 from pipeline.compression.depth import drop_text_layers, text_layer_list
-from pipeline.compression.prune import (branch_ratios, check_ratios, fit_macs_budget, model_units, nothing_to_prune, probe_tensors, prune,
-                                        recalibration_inputs, widen_reach)
+from pipeline.compression.prune import (branch_ratios, check_ratios, fit_macs_budget, fit_user_budget, model_units, nothing_to_prune,
+                                        probe_tensors, prune, recalibration_inputs, widen_reach)
 from pipeline.compression.recalibrate import recalibrate_batchnorms
 from pipeline.compression.recovery import Recovery, recover
 from pipeline.compression.sensitivity import allocate_ratios, prune_sensitivity
+from pipeline.compression.vocabulary import trim_vocabulary
 from pipeline.data.encode import Encoded, InputSpec
 from pipeline.errors import InputError
 from pipeline.export import example_inputs
-from pipeline.models.checkpoint import load_torch_artifact, read_description, save_torch_artifact
+from pipeline.models.checkpoint import build_architecture, load_torch_artifact, read_description, save_torch_artifact
 from pipeline.stages.base import Context, Measure, Pass
 from pipeline.stages.recovery import RecoveryConfig, built_in_model, onnx_source_skip, recovery, recovery_config
 from pipeline.store import artifact_digest
@@ -38,6 +41,7 @@ class PruneConfig:
     recovery: RecoveryConfig
     probe_samples: int
     scope: str = "trainable"
+    trained_here: bool = True  # the source was trained on this train split (not --weights): what vocabulary "auto" trims
 
 
 def prune_only(compression: Compression) -> Compression:
@@ -47,16 +51,21 @@ def prune_only(compression: Compression) -> Compression:
 def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:
     compression, source = ctx.target.compression, done["source"]
     config = PruneConfig(prune_only(compression), recovery_config(ctx, source, compression.recovery_epochs, compression.recovery_lr),
-                         ctx.probe_samples)
+                         ctx.probe_samples, trained_here=ctx.weights is None)
     skip = onnx_source_skip(ctx) or ("the target asks for no pruning" if not compression.prunes() else None)
     model = next(reversed(done.values()))
-    run = lambda workdir: prune_stage(model, config.compression, ctx.spec, recovery(ctx, source, config.recovery), ctx.probe(), workdir)
+    run = lambda workdir: prune_stage(model, config.compression, ctx.spec, recovery(ctx, source, config.recovery), ctx.probe(), workdir,
+                                      config.trained_here)
     return Pass("prune", config, model.sha256, run, Measure("torch", reach=compression), code=__name__, gate="prune", skip=skip)
 
 
-def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, recovery: Recovery, probe: Encoded, workdir: Path) -> Artifact:
-    """Prune a torch artifact per branch (sensitivity measured on probe, ratios allocated when asked), then recover it."""
+def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, recovery: Recovery, probe: Encoded, workdir: Path,
+                trained_here: bool = True) -> Artifact:
+    """Trim token tables, prune a torch artifact per branch (sensitivity measured on probe, ratios allocated when asked), then recover it."""
     model = load_torch_artifact(source.path)
+    source_params = sum(p.numel() for p in model.parameters())
+    vocabulary = trim_vocabulary(model, compression.vocabulary, trained_here, lambda: build_architecture(read_description(source.path), pretrained=True),
+                                 recovery.train, recovery.val)
     inputs, labels = probe_tensors(probe)
     depth = None
     if compression.text_depth is not None:
@@ -75,11 +84,18 @@ def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, rec
     sensitivities = prune_sensitivity(model, units, inputs, labels)
     allocate = (lambda c: allocate_ratios(sensitivities, branch_ratios(c))) if compression.allocate else (lambda c: None)
     budget = None
-    if compression.budget_macs is not None:
-        compression, budget = fit_macs_budget(model, compression, example_inputs(spec), allocate, found=found)
-    pruned, facts = prune(model, compression, example_inputs(spec), compression.importance, "trainable", allocate(compression),
+    if discovery is not None and compression.user_budget is not None:
+        most_sensitive_first = [m.name for m in sorted(sensitivities, key=lambda m: -m.nmse)]
+        compression, unit_ratios, budget = fit_user_budget(model, compression, example_inputs(spec), compression.user_budget, source_params,
+                                                           allocate, found, most_sensitive_first)
+    else:
+        if compression.budget_macs is not None:
+            compression, budget = fit_macs_budget(model, compression, example_inputs(spec), allocate, found=found)
+        unit_ratios = allocate(compression)
+    pruned, facts = prune(model, compression, example_inputs(spec), compression.importance, "trainable", unit_ratios or None,
                           importance_batch=(inputs, labels), found=found)
     facts["budget"] = budget
+    facts["vocabulary"] = vocabulary
     facts["depth"] = depth
     facts["recalibrated_batchnorms"] = recalibrate_batchnorms(model, pruned, *recalibration_inputs(model, pruned, recovery))
     widen_reach(pruned, compression)
