@@ -57,6 +57,9 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--recovery-seed", type=int, default=None, metavar="N", help="seed of the recovery trainings (default: the target's compression.recovery_seed, else --seed); the source model stays cached")
     build.add_argument("--keep", default=None, metavar="NAME,...",
                        help="modules (by their name in the model) that prune and factorize leave whole, added to the target's compression.keep")
+    build.add_argument("--vocabulary", choices=("auto", "train", "whole"), default=None,
+                       help="token tables keep only the rows the train split reads: auto (tables your factory starts at random, trained here), "
+                            "train (every table), whole (none) (default: the target's compression.vocabulary)")
     build.add_argument("--gate-mode", choices=("point", "confidence"), default=None,
                        help="judge every accuracy gate on the drop's point estimate or on the upper bound of its 95%% interval (default: each gate's own mode)")
     build.add_argument("--no-compression", action="store_true", help="skip the prune and factorize stages (export the trained model as it is)")
@@ -160,7 +163,7 @@ def _build_config(args: argparse.Namespace, target: Any, out: Path, cache: Path 
         "compression.factorize_energy": args.factorize_energy, "compression.embedding_energy": args.embedding_energy,
         "compression.recovery_epochs": args.recovery_epochs, "compression.text_depth": args.text_depth,
         "compression.recovery_seed": args.recovery_seed,
-        "compression.keep": _kept_modules(args.keep, target.compression.keep),
+        "compression.keep": _kept_modules(args.keep, target.compression.keep), "compression.vocabulary": args.vocabulary,
         **({f"gates.{name}.mode": args.gate_mode for name in ("prune", "factorize", "quantize")} if args.gate_mode else {}),
     })
     if args.no_compression:

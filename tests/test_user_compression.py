@@ -120,10 +120,11 @@ def test_an_ids_only_gated_model_and_its_fp32_export_through_onnx(workspace, tmp
     assert stage(again, "quantize")["parity"]["vs_previous"]["agreement"] >= 0.9
 
 
-def test_pinned_modules_stay_whole_and_an_unknown_one_is_refused_by_name(workspace, tmp_path, capsys):
-    manifest = build(workspace, tmp_path / "out", "--model", "user_models.gated:build", "--keep", "pixels,lookup")
+def test_pinned_modules_and_an_untrimmed_vocabulary_stay_whole_and_an_unknown_module_is_refused_by_name(workspace, tmp_path, capsys):
+    manifest = build(workspace, tmp_path / "out", "--model", "user_models.gated:build", "--keep", "pixels,lookup", "--vocabulary", "whole")
     facts = stage(manifest, "prune")["facts"]
     assert facts["settings"]["keep"] == ["pixels", "lookup"]
+    assert facts["vocabulary"]["trimmed"] == [] and facts["vocabulary"]["whole"] == {"lookup": 'compression.vocabulary = "whole"'}
     assert not any(u["unit"].split(".", 1)[1].startswith(("pixels", "lookup")) for u in facts["units"])
     factorized = {layer["module"] for layer in stage(manifest, "factorize")["facts"]["layers_factorized"]}
     assert not any(name.startswith(("pixels", "lookup")) for name in factorized)

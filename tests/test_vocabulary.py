@@ -57,12 +57,13 @@ def batch(data: Encoded) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(array) for array in data.inputs.values())
 
 
-def trimmed(mode: str = "auto", trained_here: bool = True, pretrained_positions: bool = False) -> tuple[nn.Module, nn.Module, dict]:
+def trimmed(mode: str = "auto", trained_here: bool = True, pretrained_positions: bool = False, keep: tuple[str, ...] = ()) -> tuple[nn.Module, nn.Module, dict]:
     torch.manual_seed(0)
     model = Words(pretrained_positions).eval()
     original = Words(pretrained_positions).eval()
     original.load_state_dict(model.state_dict())
-    facts = trim_vocabulary(model, mode, trained_here, lambda: Words(pretrained_positions), encoded(TRAIN_IDS), encoded(list(range(1, 80)), seed=1))
+    facts = trim_vocabulary(model, mode, trained_here, lambda: Words(pretrained_positions), encoded(TRAIN_IDS), encoded(list(range(1, 80)), seed=1),
+                            keep)
     return original, model, facts
 
 
@@ -87,7 +88,7 @@ def test_a_random_start_table_keeps_the_rows_its_train_split_reads_and_answers_a
         assert torch.allclose(model(*data), original(*data), atol=1e-6)
 
 
-def test_pretrained_tables_and_weights_trained_elsewhere_keep_every_row_and_say_why():
+def test_pretrained_pinned_and_elsewhere_trained_tables_keep_every_row_and_say_why():
     _, model, facts = trimmed(pretrained_positions=True)
     assert isinstance(model.words, TrimmedEmbedding) and type(model.positions) is nn.Embedding
     assert "same rows under two seeds" in facts["whole"]["positions"]
@@ -96,6 +97,8 @@ def test_pretrained_tables_and_weights_trained_elsewhere_keep_every_row_and_say_
     assert type(model.words) is nn.Embedding
     _, model, facts = trimmed("train", pretrained_positions=True)  # "train" trims a pretrained table too
     assert {t["module"] for t in facts["trimmed"]} == {"words", "positions"}
+    _, model, facts = trimmed(keep=("words",))  # a pinned table keeps every row
+    assert [t["module"] for t in facts["trimmed"]] == ["positions"] and facts["whole"]["words"] == "pinned (compression.keep)"
     _, model, facts = trimmed("whole")
     assert facts["trimmed"] == [] and not any(isinstance(m, TrimmedEmbedding) for m in model.modules())
 

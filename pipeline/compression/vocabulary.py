@@ -85,16 +85,20 @@ def trim_table(table: nn.Embedding, kept: torch.Tensor) -> TrimmedEmbedding:
 
 
 def trim_vocabulary(model: nn.Module, mode: Vocabulary, trained_here: bool, build: Callable[[], nn.Module],
-                    train: Encoded, calib: Encoded) -> dict:
-    """Trim model's tables in place as the mode says (see the module doc); the facts of what was kept, and why a table was not."""
+                    train: Encoded, calib: Encoded, keep: Sequence[str] = ()) -> dict:
+    """Trim model's tables in place as the mode says (see the module doc); the facts of what was kept, and why a table was not.
+
+    keep: modules neither structural stage changes (compression.keep): a table in one keeps every row.
+    """
     tables = token_tables(model)
-    if mode == "whole" or not tables:
-        return {"mode": mode, "trimmed": [], "whole": {n: "compression.vocabulary = \"whole\"" for n in tables} if tables else {}}
-    whole: dict[str, str] = {}
-    candidates = list(tables)
-    if mode == "auto":
+    if mode == "whole":
+        return {"mode": mode, "trimmed": [], "whole": {n: 'compression.vocabulary = "whole"' for n in tables}}
+    whole = {n: "pinned (compression.keep)" for n in tables if any(n == k or n.startswith(k + ".") for k in keep)}
+    candidates = [n for n in tables if n not in whole]
+    if mode == "auto" and candidates:
         if not trained_here:
-            return {"mode": mode, "trimmed": [], "whole": {n: "weights trained elsewhere (--weights): unseen ids' rows may hold what they learned" for n in tables}}
+            return {"mode": mode, "trimmed": [], "whole": whole | {n: "weights trained elsewhere (--weights): unseen ids' rows may hold what they learned"
+                                                                   for n in candidates}}
         fresh = random_start(build, candidates)
         whole |= {n: "pretrained: the factory builds the same rows under two seeds" for n in candidates if n not in fresh}
         candidates = [n for n in candidates if n in fresh]
@@ -111,17 +115,18 @@ def trim_vocabulary(model: nn.Module, mode: Vocabulary, trained_here: bool, buil
             continue
         replace_module(model, name, trim_table(table, kept))
         trimmed.append({"module": name, "vocabulary": table.num_embeddings, "kept": kept.tolist()})
-    if trimmed:
-        append_step(model, {"op": "trim_vocabulary", "tables": trimmed})
-    return {"mode": mode, "trimmed": [table_facts(model, t, calib) for t in trimmed], "whole": whole}
+    if not trimmed:
+        return {"mode": mode, "trimmed": [], "whole": whole}
+    append_step(model, {"op": "trim_vocabulary", "tables": trimmed})
+    read = rows_read(model, calib, [t["module"] for t in trimmed])
+    return {"mode": mode, "trimmed": [table_facts(model, t, read.get(t["module"], torch.zeros(0, dtype=torch.long))) for t in trimmed], "whole": whole}
 
 
-def table_facts(model: nn.Module, trimmed: Mapping, calib: Encoded) -> dict:
+def table_facts(model: nn.Module, trimmed: Mapping, calib_ids: torch.Tensor) -> dict:
     """Rows before and after, and how many of the distinct ids calib reads the table with still have a row of their own."""
     name, kept = trimmed["module"], set(trimmed["kept"])
-    read = rows_read(model, calib, [name]).get(name, torch.zeros(0, dtype=torch.long)).tolist()
     table = model.get_submodule(name)
     return {"module": name, "rows_before": trimmed["vocabulary"], "rows_after": table.num_embeddings, "ids_kept": len(kept),
             "params_removed": (trimmed["vocabulary"] - table.num_embeddings) * table.embedding_dim,
-            "calib_ids": len(read), "calib_ids_with_own_row": sum(1 for i in read if i in kept),
+            "calib_ids": len(calib_ids), "calib_ids_with_own_row": sum(1 for i in calib_ids.tolist() if i in kept),
             "shared_row": "the mean of the dropped rows"}
