@@ -74,12 +74,15 @@ def pruned_units(manifest: dict) -> dict[str, dict]:
     return {u["unit"]: u for u in stage(manifest, "prune")["facts"]["units"]}
 
 
-def test_a_gru_text_encoder_with_its_own_tokenizer_loses_hidden_units_and_embedding_width(workspace, tmp_path):
+def test_a_gru_text_encoder_with_its_own_tokenizer_is_pruned_to_the_user_budget_and_no_further(workspace, tmp_path):
     manifest = build(workspace, tmp_path / "out", "--model", "user_models.recurrent:build", "--tokenizer", str(workspace / "tokenizer"))
     compressed_within_budget(manifest)
-    units = pruned_units(manifest)
-    assert units["text.gru"]["channels_after"] < units["text.gru"]["channels_before"]
-    assert units["text.words"]["channels_after"] < units["text.words"]["channels_before"]
+    facts, units = stage(manifest, "prune")["facts"], pruned_units(manifest)
+    budget = facts["budget"]
+    assert budget["params_after"] <= 0.5 and budget["macs_after"] <= 0.7 and 0 < budget["factor"] <= 1
+    assert units and all(u["channels_after"] < u["channels_before"] for u in units.values()) and not set(units) & set(budget["spared"])
+    for name in ("text.gru", "text.words"):  # each one is either pruned, or left whole because the budget did not need it
+        assert name in units or name in budget["spared"]
     assert stage(manifest, "prune")["facts"]["discovered"]["output_layer"] == "classifier"
     assert manifest["stages"][0]["facts"]["input_spec"]["tokenizer"].endswith("tokenizer")
 
