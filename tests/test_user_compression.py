@@ -90,8 +90,8 @@ def test_a_gru_text_encoder_with_its_own_tokenizer_is_pruned_to_the_user_budget_
 def test_torch_transformer_layers_with_cross_attention_prune_what_they_can_and_name_what_they_cannot(workspace, tmp_path):
     manifest = build(workspace, tmp_path / "out", "--model", "user_models.transformer:build")
     compressed_within_budget(manifest)
-    units = pruned_units(manifest)
-    assert any(name.startswith("text.encoder.layers.") for name in units)  # the feed-forward widths
+    discovered = stage(manifest, "prune")["facts"]["discovered"]["units"]
+    assert any(name.startswith("text.encoder.layers.") for name in discovered)  # the feed-forward widths, pruned as far as the budget needs
     facts = stage(manifest, "prune")["facts"]
     (table,) = facts["vocabulary"]["trimmed"]  # trained from scratch here: the rows of MiniLM's ids the train split never reads go
     assert table["module"] == "token_embedding.0" and table["rows_before"] == 30522 and table["rows_after"] < 1000
@@ -109,7 +109,8 @@ def test_a_residual_cnn_with_batchnorm_and_gated_fusion_recalibrates_its_batchno
     manifest = build(workspace, tmp_path / "out", "--model", "user_models.residual:build")
     compressed_within_budget(manifest)
     facts = stage(manifest, "prune")["facts"]
-    assert {u["branch"] for u in facts["units"]} == {"image", "text", "fusion"}
+    assert {name.split(".", 1)[0] for name in facts["discovered"]["units"]} == {"image", "text", "fusion"}
+    assert facts["units"]
     assert facts["recalibrated_batchnorms"]
 
 

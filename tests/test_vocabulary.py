@@ -99,6 +99,10 @@ def test_pretrained_pinned_and_elsewhere_trained_tables_keep_every_row_and_say_w
     assert {t["module"] for t in facts["trimmed"]} == {"words", "positions"}
     _, model, facts = trimmed(keep=("words",))  # a pinned table keeps every row
     assert [t["module"] for t in facts["trimmed"]] == ["positions"] and facts["whole"]["words"] == "pinned (compression.keep)"
+    torch.manual_seed(0)
+    built_in = Words().eval()  # as a built-in model's tables: "auto" leaves them whole
+    facts = trim_vocabulary(built_in, "auto", True, Words, encoded(TRAIN_IDS), encoded(TRAIN_IDS), built_in=True)
+    assert facts["trimmed"] == [] and "a built-in model" in facts["whole"]["words"] and type(built_in.words) is nn.Embedding
     _, model, facts = trimmed("whole")
     assert facts["trimmed"] == [] and not any(isinstance(m, TrimmedEmbedding) for m in model.modules())
 

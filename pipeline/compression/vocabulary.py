@@ -11,9 +11,9 @@ it replaces. The model becomes a TrimmedEmbedding (an int32 id-to-row map,
 then the table), recorded as a structure step so the artifact rebuilds.
 
 Which tables (compression.vocabulary):
-- "auto": those the model's own factory initializes at random (it builds them
+- "auto": those a user's model factory initializes at random (it builds them
   differently under two seeds) in a model the source stage trained on this
-  train split. A pretrained table (the built-in MiniLM's, one the factory
+  train split; the built-in models' tables stay whole. A pretrained table (the built-in MiniLM's, one the factory
   loads) or weights trained elsewhere (--weights) keep every row: their
   unseen rows hold what was learned on other data.
 - "train": every table, pretrained or not (the rows of ids the train split
@@ -34,6 +34,9 @@ from pipeline.data.encode import Encoded
 
 Vocabulary = Literal["auto", "train", "whole"]
 BATCH = 64
+# The built-in models' tables: MiniLM's is pretrained; fused-tiny's starts at random, but it is the small stand-in
+# the tests and benchmarks use for the default model's path (its factorized embedding among it), so "auto" keeps it whole too.
+BUILT_IN = "a built-in model: its text encoder's tables are MiniLM's (or fused-tiny's stand-ins for them); compression.vocabulary = \"train\" trims them"
 
 
 def token_tables(model: nn.Module) -> dict[str, nn.Embedding]:
@@ -85,16 +88,19 @@ def trim_table(table: nn.Embedding, kept: torch.Tensor) -> TrimmedEmbedding:
 
 
 def trim_vocabulary(model: nn.Module, mode: Vocabulary, trained_here: bool, build: Callable[[], nn.Module],
-                    train: Encoded, calib: Encoded, keep: Sequence[str] = ()) -> dict:
+                    train: Encoded, calib: Encoded, keep: Sequence[str] = (), built_in: bool = False) -> dict:
     """Trim model's tables in place as the mode says (see the module doc); the facts of what was kept, and why a table was not.
 
     keep: modules neither structural stage changes (compression.keep): a table in one keeps every row.
+    built_in: a built-in fused model, whose tables "auto" leaves whole (see BUILT_IN).
     """
     tables = token_tables(model)
     if mode == "whole":
         return {"mode": mode, "trimmed": [], "whole": {n: 'compression.vocabulary = "whole"' for n in tables}}
     whole = {n: "pinned (compression.keep)" for n in tables if any(n == k or n.startswith(k + ".") for k in keep)}
     candidates = [n for n in tables if n not in whole]
+    if mode == "auto" and candidates and built_in:
+        return {"mode": mode, "trimmed": [], "whole": whole | {n: BUILT_IN for n in candidates}}
     if mode == "auto" and candidates:
         if not trained_here:
             return {"mode": mode, "trimmed": [], "whole": whole | {n: "weights trained elsewhere (--weights): unseen ids' rows may hold what they learned"

@@ -91,7 +91,9 @@ def factorize_stage(source: Artifact, compression: Compression, spec: InputSpec,
     if not embeddings:
         weights = None
     elif built_in:
-        weights = token_frequencies(recovery.train, model.text_encoder.embeddings.word_embeddings.num_embeddings)
+        table = model.text_encoder.embeddings.word_embeddings
+        weights = token_frequencies(recovery.train, vocabulary_size(table))
+        weights = table.fold(weights) if isinstance(table, TrimmedEmbedding) else weights  # compression.vocabulary = "train"
     else:
         weights = token_tables_weights(chosen, recovery.train, spec)
     branches = None if built_in else module_branches(model, example_inputs(spec))

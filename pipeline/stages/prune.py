@@ -65,7 +65,7 @@ def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, rec
     model = load_torch_artifact(source.path)
     source_params = sum(p.numel() for p in model.parameters())
     vocabulary = trim_vocabulary(model, compression.vocabulary, trained_here, lambda: build_architecture(read_description(source.path), pretrained=True),
-                                 recovery.train, recovery.val, compression.keep)
+                                 recovery.train, recovery.val, compression.keep, built_in_model(source))
     inputs, labels = probe_tensors(probe)
     depth = None
     if compression.text_depth is not None:
