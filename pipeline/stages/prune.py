@@ -1,8 +1,8 @@
 """The prune pass: structural pruning per branch, sensitivity-allocated when asked, then recovery by distillation.
 
-Trim the token tables a model trained here from scratch never read past its
-train split (pipeline.compression.vocabulary), widen the trainable split to
-the compression's reach, drop the least
+Drop the token-table rows a user's model, trained here from scratch, never
+read in its train split (pipeline.compression.vocabulary), widen the
+trainable split to the compression's reach, drop the least
 sensitive text layers when the target asks for a shallower text branch
 (pipeline.compression.depth), measure each unit's sensitivity, prune
 (pipeline.compression.prune), re-estimate the BatchNorm statistics pruning
