@@ -34,7 +34,7 @@ from pipeline.data.encode import Encoded
 from pipeline.errors import InputError
 from pipeline.compression.recovery import Recovery
 from pipeline.targets import Budget, Compression
-from pipeline.compression.measure import count_macs, macs_by_branch, params_by_branch
+from pipeline.compression.measure import count_macs, count_params, macs_by_branch, params_by_branch
 from pipeline.compression.recalibrate import stale_batchnorms
 from pipeline.training import prefix_outputs
 
@@ -323,6 +323,14 @@ def scaled(compression: Compression, factor: float) -> Compression:
                                prune_fusion=compression.prune_fusion * factor)
 
 
+def least_fitting_factor(fits: Callable[[float], bool], low: float, high: float, steps: int) -> float:
+    """Bisection for the smallest factor in (low, high] that fits, given that high fits and that more pruning never fits less."""
+    for _ in range(steps):
+        middle = (low + high) / 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
+
+
 def fit_macs_budget(model: nn.Module, compression: Compression, example_inputs: tuple,
                     allocate: Callable[[Compression], Mapping[str, float] | None], steps: int = 8,
                     found: tuple[list[Unit], Discovery | None] | None = None) -> tuple[Compression, dict[str, Any]]:
@@ -347,9 +355,7 @@ def fit_macs_budget(model: nn.Module, compression: Compression, example_inputs: 
     if macs_at(1.0) <= budget:  # the target's ratios already fit: keep them
         high = 1.0
     else:
-        for _ in range(steps):
-            middle = (low + high) / 2
-            low, high = (low, middle) if macs_at(middle) <= budget else (middle, high)
+        high = least_fitting_factor(lambda factor: macs_at(factor) <= budget, low, high, steps)
     fitted = scaled(compression, high)
     return fitted, {"macs_fraction": budget, "factor": round(high, 4), "ratios": branch_ratios(fitted), "macs_after": round(macs_at(high), 4)}
 
@@ -376,21 +382,16 @@ def fit_user_budget(model: nn.Module, compression: Compression, example_inputs: 
     def shares(factor: float, spared: Sequence[str] = ()) -> tuple[float, float]:
         ratios = {**(allocate(scaled(compression, factor)) or {}), **{name: 0.0 for name in spared}}
         pruned = prune(model, scaled(compression, factor), example_inputs, "magnitude", "trainable", ratios or None, found=found)[0]
-        return sum(p.numel() for p in pruned.parameters()) / source_params, count_macs(pruned, example_inputs) / macs
+        return count_params(pruned) / source_params, count_macs(pruned, example_inputs) / macs
 
     fits = lambda at: (budget.params is None or at[0] <= budget.params) and (budget.macs is None or at[1] <= budget.macs)
     facts: dict[str, Any] = {"user_budget": dataclasses.asdict(budget)}
-    if not fits(shares(1.0)):
-        params, macs_share = shares(1.0)
+    at_ratios = shares(1.0)
+    if not fits(at_ratios):
         return compression, allocate(compression) or {}, facts | {
-            "factor": 1.0, "ratios": branch_ratios(compression), "spared": [], "params_after": round(params, 4), "macs_after": round(macs_share, 4),
-            "out_of_reach": "the target's ratios leave more than the budget: pruned at those ratios"}
-    low, high = 0.0, 1.0
-    if fits(shares(0.0)):
-        high = 0.0
-    for _ in range(steps if high > 0 else 0):
-        middle = (low + high) / 2
-        low, high = (low, middle) if fits(shares(middle)) else (middle, high)
+            "factor": 1.0, "ratios": branch_ratios(compression), "spared": [], "params_after": round(at_ratios[0], 4),
+            "macs_after": round(at_ratios[1], 4), "out_of_reach": "the target's ratios leave more than the budget: pruned at those ratios"}
+    high = 0.0 if fits(shares(0.0)) else least_fitting_factor(lambda factor: fits(shares(factor)), 0.0, 1.0, steps)
     fitted = scaled(compression, high)
     pruned_units = {u.name for u in found[0] if kept_channels(u, (allocate(fitted) or {}).get(u.name, branch_ratios(fitted)[u.branch])) < u.channels}
     spared: list[str] = []

@@ -19,6 +19,7 @@ from typing import Mapping
 
 from pipeline.artifacts import Artifact
 from pipeline.compression.depth import drop_text_layers, text_layer_list
+from pipeline.compression.measure import count_params
 from pipeline.compression.prune import (branch_ratios, check_ratios, fit_macs_budget, fit_user_budget, model_units, nothing_to_prune,
                                         probe_tensors, prune, recalibration_inputs, widen_reach)
 from pipeline.compression.recalibrate import recalibrate_batchnorms
@@ -63,7 +64,7 @@ def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, rec
                 trained_here: bool = True) -> Artifact:
     """Trim token tables, prune a torch artifact per branch (sensitivity measured on probe, ratios allocated when asked), then recover it."""
     model = load_torch_artifact(source.path)
-    source_params = sum(p.numel() for p in model.parameters())
+    source_params = count_params(model)
     vocabulary = trim_vocabulary(model, compression.vocabulary, trained_here, lambda: build_architecture(read_description(source.path), pretrained=True),
                                  recovery.train, recovery.val, compression.keep, built_in_model(source))
     inputs, labels = probe_tensors(probe)
