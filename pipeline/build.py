@@ -11,6 +11,7 @@ is (pipeline/stages/base.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import platform
 import signal
@@ -46,12 +47,12 @@ from pipeline.runners import OrtRunner, Runner, run_batches
 from pipeline.stages import export, factorize, prune, quantize, source
 from pipeline.stages.base import Context, Measure, Pass
 from pipeline.store import Store, atomic_write_json, atomic_write_text, cache_key, canonical_json, sha256_bytes, sha256_file
-from pipeline.targets import Target
+from pipeline.targets import Compression, Target
 from pipeline.training import PrefixCache, TrainSettings, predict_logits
 from pipeline.trt.engine import (LocalTensorRT, build_engine, engine_metadata, engine_settings, local_tensorrt, target_mismatches,
                                  tensorrt_status)
 from pipeline.trt.runner import TrtRunner
-from pipeline.compression.prune import set_trainable_split
+from pipeline.compression.prune import set_trainable_split, widen_reach
 
 MANIFEST_SCHEMA = 1
 GOLDEN_SAMPLES = 128
@@ -144,6 +145,13 @@ def config_json(config: Any) -> Any:
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
 
 
+def prefix_waypoints(compression: Compression) -> tuple[Callable[[Any], None], ...]:
+    """Where the compression stages' recoveries split a model (their reach), for the prefix cache; none without them."""
+    if not (compression.prunes() or compression.factorizes()):
+        return ()
+    return (functools.partial(widen_reach, compression=compression),)
+
+
 class Conductor:
     """Runs passes through the store's cache, measures and gates their artifacts, and keeps the ledger."""
 
@@ -157,7 +165,9 @@ class Conductor:
         self.logits: dict[str, np.ndarray] = {}
         self.artifacts: dict[str, Artifact] = {}  # made so far, by pass name, in order
         self.skipped: dict[str, str] = {}  # pass name -> why it did not apply
-        self.prefix_cache = PrefixCache()  # frozen-prefix outputs shared by this build's trainings and torch outputs
+        # frozen-prefix outputs shared by this build's trainings and torch outputs; the source's, computed deeper, keep theirs
+        # at the compression's reach on the way (what prune and factorize recover at)
+        self.prefix_cache = PrefixCache(waypoints=prefix_waypoints(config.target.compression))
         self.reused_footprints: set[str] = set()  # artifacts whose cost columns an earlier build measured
 
     # ---------------------------------------------------------------- running a pass

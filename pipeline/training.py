@@ -53,7 +53,7 @@ import contextlib
 import copy
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -121,10 +121,15 @@ class PrefixCache:
     the teacher over train and calib twice, about 35 s each time).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, waypoints: Sequence[Callable[[nn.Module], None]] = ()) -> None:
         self._entries: dict[tuple[str, str, int, int], tuple[Encoded, Any]] = {}
         self._teachers: dict[tuple, tuple[Encoded, Any]] = {}
         self.hits = 0
+        # Where later trainings of the build will split (each moves a model's split in place, e.g. set_trainable_split
+        # with the compression's reach). A prefix computed deeper than a waypoint passes through it, so its outputs
+        # there are kept on the way: the source's training (EfficientNet split after block 15) hands prune's
+        # recovery (split after block 6) its train, calib and eval prefixes, 30-40 s of a cold default build.
+        self.waypoints = tuple(waypoints)
 
     def teacher(self, teacher: nn.Module, data: Encoded, batch_size: int, what: str, compute: Callable[[], Any]) -> Any:
         """A frozen teacher's `what` on data, computed once per teacher state, split point, data and batch size."""
@@ -138,25 +143,78 @@ class PrefixCache:
         return value
 
     def get(self, model: nn.Module, data: Encoded, batch_size: int, compute: Callable[[], Any]) -> Any:
-        key = (_frozen_prefix_digest(model.image_encoder), _frozen_prefix_digest(model.text_encoder), id(data), batch_size)
+        key = self._key(model, data, batch_size)
         if key in self._entries:
             self.hits += 1
             return self._entries[key][1]
         value = compute()
-        self._entries[key] = (data, value)  # holding data keeps id(data) from being reused
+        self.put(key, data, value)
         return value
+
+    def _key(self, model: nn.Module, data: Encoded, batch_size: int) -> tuple[str, str, int, int]:
+        return (_frozen_prefix_digest(model.image_encoder), _frozen_prefix_digest(model.text_encoder), id(data), batch_size)
+
+    def put(self, key: tuple[str, str, int, int], data: Encoded, value: Any) -> None:
+        self._entries[key] = (data, value)  # holding data keeps id(data) from being reused
+
+    def stops_on_the_way(self, model: nn.Module, data: Encoded, batch_size: int) -> list["_Stop"]:
+        """The waypoints a prefix computation of model passes through (image split shallower than its own), not yet cached."""
+        image, text = model.image_encoder, model.text_encoder
+        if not hasattr(image, "prefix_stops"):
+            return []
+        stops: dict[tuple, _Stop] = {}
+        for waypoint in self.waypoints:
+            with _split_kept(image, text):
+                waypoint(model)
+                at = _Stop(image.split_at, text.split_at, self._key(model, data, batch_size))
+            if at.image < image.split_at and at.key not in self._entries:
+                stops.setdefault(at.key, at)
+        return sorted(stops.values(), key=lambda stop: stop.image)
+
+
+@dataclass(frozen=True)
+class _Stop:
+    image: int  # the image encoder's split there
+    text: int  # the text encoder's
+    key: tuple[str, str, int, int]
+
+
+@contextlib.contextmanager
+def _split_kept(*encoders: nn.Module) -> Iterator[None]:
+    """Restore the encoders' split_at after the block, whatever it did to them."""
+    kept = [encoder.split_at for encoder in encoders]
+    try:
+        yield
+    finally:
+        for encoder, split_at in zip(encoders, kept):
+            encoder.split_at = split_at
 
 
 def prefix_outputs(model: nn.Module, data: Encoded, batch_size: int, cache: PrefixCache | None = None,
                    desc: str = "encoding") -> tuple[torch.Tensor, torch.Tensor]:
     """The image and text encoders' frozen-prefix outputs for every sample of data, in order (from cache when it has them)."""
+    image_encoder, text_encoder = model.image_encoder, model.text_encoder
+    stops = cache.stops_on_the_way(model, data, batch_size) if cache is not None else []
+
+    def text_prefix(batch: dict[str, np.ndarray], split_at: int) -> torch.Tensor:
+        with _split_kept(text_encoder):
+            text_encoder.split_at = split_at
+            return text_encoder.prefix(torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"]))
+
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
-        images, texts = [], []
+        images: list[list[torch.Tensor]] = [[] for _ in range(len(stops) + 1)]  # per stop, then at the model's own split
+        texts: list[list[torch.Tensor]] = [[] for _ in range(len(stops) + 1)]
         with torch.inference_mode():
             for batch in track(list(data.batches(batch_size)), desc=desc, unit="batch", leave=False, samples_per_step=batch_size):
-                images.append(model.image_encoder.prefix(torch.from_numpy(batch["image"])))
-                texts.append(model.text_encoder.prefix(torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])))
-        return torch.cat(images), torch.cat(texts)
+                image = torch.from_numpy(batch["image"])
+                # one pass through the blocks: the hidden state at each stop, then at the split (the same numbers as prefix())
+                hidden = image_encoder.prefix_stops(image, [stop.image for stop in stops]) if stops else [image_encoder.prefix(image)]
+                for index, stop in enumerate([*stops, None]):
+                    images[index].append(hidden[index])
+                    texts[index].append(text_prefix(batch, text_encoder.split_at if stop is None else stop.text))
+        for index, stop in enumerate(stops):
+            cache.put(stop.key, data, (torch.cat(images[index]), torch.cat(texts[index])))
+        return torch.cat(images[-1]), torch.cat(texts[-1])
 
     return cache.get(model, data, batch_size, compute) if cache is not None else compute()
 
@@ -513,7 +571,11 @@ class _TeacherAnswers:
                                samples_per_step=batch_size)  # a minute of a cold build on 2 cores: a CI log hears from it
                 parts = [self._encoded(torch.arange(s, min(s + batch_size, len(features)))) for s in starts]
                 self.image, self.text = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            self.own = _logits_in_order(teacher, features, batch_size)
+                # the head on those encodings, batch by batch as _logits_in_order runs it: the same numbers,
+                # without running the teacher's encoder tails over train a second time (19 s of a cold build)
+                self.own = torch.cat([teacher.head(image, text) for image, text in parts])
+            else:
+                self.own = _logits_in_order(teacher, features, batch_size)
 
     def _encoded(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.features

@@ -432,6 +432,28 @@ def test_recoveries_of_one_build_share_the_frozen_prefix_outputs():
     assert cache.hits == 8  # the teacher's prefix is unchanged: only its features are reused
 
 
+def test_a_deeper_prefix_keeps_its_outputs_at_the_compression_reach_on_the_way():
+    from pipeline.build import prefix_waypoints
+    from pipeline.compression.prune import widen_reach
+    from pipeline.training import PrefixCache, prefix_outputs
+
+    config = default_config("fused-effnet-minilm", 9)
+    torch.manual_seed(0)
+    model = build_model(config, pretrained=False).eval()  # the source: split after block 15 (one trainable block)
+    compression = Compression(prune_image=0.5, image_blocks=10, text_layers=6)
+    data = random_samples(config.input_spec(), 5)
+    cache = PrefixCache(waypoints=prefix_waypoints(compression))
+    deep = prefix_outputs(model, data, 4, cache)
+    assert all(torch.equal(a, b) for a, b in zip(deep, prefix_outputs(model, data, 4)))
+    assert model.image_encoder.split_at == 15 and model.text_encoder.split_at == 4  # the stop did not move the model's split
+    reached = copy.deepcopy(model)
+    widen_reach(reached, compression)  # where prune's recovery trains: after block 6, every text layer
+    shallow = prefix_outputs(reached, data, 4, cache)
+    assert cache.hits == 1  # kept on the way, not computed again
+    assert all(torch.equal(a, b) for a, b in zip(shallow, prefix_outputs(reached, data, 4)))
+    assert prefix_waypoints(Compression()) == ()  # nothing compresses: no stop
+
+
 def test_sensitivity_re_runs_from_the_frozen_prefix_with_the_same_logits():
     config, model = tiny()
     model.text_encoder.split_at = 1  # layer 0 is the frozen prefix

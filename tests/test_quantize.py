@@ -182,6 +182,25 @@ def test_cpu_form_uses_u8_activations_and_shrinks_the_embedding(tiny_fp32, tmp_p
     assert parity_row("q", logits, reference, reference, data.labels).vs_reference.cosine_mean > 0.99
 
 
+def test_a_form_variant_passed_to_quantize_writes_its_weight_type(tiny_fp32, tmp_path):
+    import dataclasses
+
+    from pipeline.quantization.qdq import FORMS
+
+    fp32, data = tiny_fp32
+    settings = Quantize(form="cpu", method="minmax")
+
+    def weight_types(form) -> set:
+        model = onnx.load(str(quantize(fp32, data, settings, tmp_path / str(form is None), form=form).path))
+        values = _initializers(model)
+        return {values[n.input[0]].dtype for n in model.graph.node
+                if n.op_type == "DequantizeLinear" and n.input[0] in values and values[n.input[0]].ndim >= 2}
+
+    assert weight_types(None) == {np.dtype(np.int8)}  # the shipped cpu form: S8 weights
+    unsigned = dataclasses.replace(FORMS["cpu"], reduce_range=False, unsigned_weights=True)
+    assert np.dtype(np.uint8) in weight_types(unsigned)
+
+
 def test_placement_quantizes_conv_residual_adds_and_folds_relu_only_in_the_cpu_form():
     from pipeline.quantization.placement import find_regions
 

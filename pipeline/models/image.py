@@ -49,6 +49,15 @@ class EfficientNetLiteEncoder(nn.Module):
     def prefix(self, image: torch.Tensor) -> torch.Tensor:
         return self._run_blocks(self.stem(image), self.blocks[: self.split_at])
 
+    def prefix_stops(self, image: torch.Tensor, stops: list[int]) -> list[torch.Tensor]:
+        """The hidden state after each of the first `stops` blocks (ascending, below split_at), then prefix(image), in one pass."""
+        hidden, start, states = self.stem(image), 0, []
+        for stop in [*stops, self.split_at]:
+            hidden = self._run_blocks(hidden, self.blocks[start:stop])
+            states.append(hidden)
+            start = stop
+        return states
+
     def suffix(self, hidden: torch.Tensor) -> torch.Tensor:
         x = self.head(self._run_blocks(hidden, self.blocks[self.split_at:]))
         return x.mean(dim=(2, 3))

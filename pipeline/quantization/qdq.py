@@ -44,6 +44,9 @@ class Form:
     rule: str  # why this form
     # ONNX Runtime session entries that make its CPU run compute what the deploy runtime computes
     ort_session_config: Mapping[str, str] = field(default_factory=dict)
+    # U8 weights (zero point 128) instead of S8: ONNX Runtime's x86 u8u8 kernels widen to 16 bits and never saturate,
+    # so all 8 bits are usable, but its u8u8 QLinearConv is several times slower (benchmarks/cpu_weights.py); no form ships it
+    unsigned_weights: bool = False
 
 
 FORMS: dict[str, Form] = {
@@ -92,7 +95,8 @@ def _quantize_ops(model: Any, regions: Sequence[Region], ranges: Any, form: Form
     names = [name for region in regions for name in region.nodes]
     op_types = sorted({nodes[name] for name in names})
     activation = QuantType.QInt8 if form.signed_activations else QuantType.QUInt8
-    quantizer = QDQQuantizer(model, True, form.reduce_range, QuantType.QInt8, activation, ranges,
+    weight = QuantType.QUInt8 if form.unsigned_weights else QuantType.QInt8
+    quantizer = QDQQuantizer(model, True, form.reduce_range, weight, activation, ranges,
                              names, [], op_types, _extra_options(form, op_types))
     with quiet():
         quantizer.quantize_model()

@@ -100,9 +100,11 @@ def _float_region_rows(result: FallbackResult) -> list[dict[str, Any]]:
 
 
 def quantize(fp32: Artifact, calibration: Encoded, settings: Quantize, workdir: Path,
-             evaluator: Evaluator | None = None, weights: WeightForm | None = None) -> Artifact:
-    """weights: None writes INT8 weight initializers; FLOAT_QDQ float weights -> Q -> DQ (weight_form.py)."""
-    form = FORMS[settings.form]
+             evaluator: Evaluator | None = None, weights: WeightForm | None = None, form: Form | None = None) -> Artifact:
+    """weights: None writes INT8 weight initializers; FLOAT_QDQ float weights -> Q -> DQ (weight_form.py).
+
+    form: None writes the form settings.form names (qdq.FORMS); a benchmark may pass a variant of one."""
+    form = FORMS[settings.form] if form is None else form
     scratch = workdir / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     prepared = _prepare(fp32.path, scratch / "prepared.onnx")
