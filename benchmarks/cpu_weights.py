@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per variant at batch 1 (batch 16: a quarter)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--workdir", type=Path, help="keep the INT8 files here (v0.onnx ... in the table's order), e.g. for "
+                        "benchmarks/ort_profile.py; default: a temporary directory")
     args = parser.parse_args(argv)
 
     spec = spec_from_onnx(args.onnx)
@@ -62,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     calibration = encode(load_calibration_set("emoji-default", dataset).samples(dataset), spec)
     evaluation = encode(dataset.split("eval"), spec)
     reference = ort_logits(args.onnx, evaluation, args.threads)
-    work = Path(tempfile.mkdtemp(prefix="cpu-weights-"))
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="cpu-weights-"))
     settings = Quantize(form="cpu")
     rows, variants = [], [Variant("FP32 (reference)", args.onnx)]
     for index, (name, form) in enumerate(FORMS_TRIED.items()):
         fp32 = Artifact("onnx", args.onnx, sha256_file(args.onnx))
-        int8 = quantize(fp32, calibration, settings, work / f"v{index}", form=form).path
+        int8 = quantize(fp32, calibration, settings, work / f"v{index}", form=form).path.rename(work / f"v{index}.onnx")
         logits = ort_logits(int8, evaluation, args.threads)
         rows.append((name, accuracy(logits, evaluation.labels), compare(logits, reference).agreement))
         variants.append(Variant(name, int8))
