@@ -190,6 +190,21 @@ def _split_kept(*encoders: nn.Module) -> Iterator[None]:
             encoder.split_at = split_at
 
 
+# Images per pass through a frozen image prefix. EfficientNet-Lite0's largest activation at 192 px is 3.5 MB a
+# sample (96 channels at 96 x 96): 64 of them are 226 MB, which glibc maps fresh and unmaps on every pass (its
+# mmap threshold tops out at 32 MiB), so each pass faulted its pages in again and ran 1.2 to 6 s for 64 samples
+# instead of 1.2; 8 samples (28 MB) come from the kept heap. Eval-mode convolutions compute each sample alone:
+# the outputs are bitwise those of the whole batch (checked on the build's artifacts, BENCHMARKS.md).
+IMAGE_PREFIX_CHUNK = 8
+
+
+def _image_prefix(encoder: nn.Module, image: torch.Tensor, stops: list[int]) -> list[torch.Tensor]:
+    """The hidden state at each stop, then at the split, IMAGE_PREFIX_CHUNK images at a time (one pass through the blocks per chunk)."""
+    size = len(image) if encoder.training else IMAGE_PREFIX_CHUNK  # in train mode BatchNorm would see each chunk's statistics
+    parts = [encoder.prefix_stops(chunk, stops) if stops else [encoder.prefix(chunk)] for chunk in image.split(max(size, 1))]
+    return [torch.cat(states) for states in zip(*parts)]
+
+
 def prefix_outputs(model: nn.Module, data: Encoded, batch_size: int, cache: PrefixCache | None = None,
                    desc: str = "encoding") -> tuple[torch.Tensor, torch.Tensor]:
     """The image and text encoders' frozen-prefix outputs for every sample of data, in order (from cache when it has them)."""
@@ -206,9 +221,7 @@ def prefix_outputs(model: nn.Module, data: Encoded, batch_size: int, cache: Pref
         texts: list[list[torch.Tensor]] = [[] for _ in range(len(stops) + 1)]
         with torch.inference_mode():
             for batch in track(list(data.batches(batch_size)), desc=desc, unit="batch", leave=False, samples_per_step=batch_size):
-                image = torch.from_numpy(batch["image"])
-                # one pass through the blocks: the hidden state at each stop, then at the split (the same numbers as prefix())
-                hidden = image_encoder.prefix_stops(image, [stop.image for stop in stops]) if stops else [image_encoder.prefix(image)]
+                hidden = _image_prefix(image_encoder, torch.from_numpy(batch["image"]), [stop.image for stop in stops])
                 for index, stop in enumerate([*stops, None]):
                     images[index].append(hidden[index])
                     texts[index].append(text_prefix(batch, text_encoder.split_at if stop is None else stop.text))
