@@ -63,7 +63,7 @@ def main() -> int:
         training.IMAGE_PREFIX_CHUNK = chunk
         cache = training.PrefixCache(waypoints=[lambda m: widen_reach(m, compression)])
         before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        outputs = list(training.prefix_outputs(model, train, batch, cache, desc=f"chunk {chunk}"))
+        training.prefix_outputs(model, train, batch, cache, desc=f"chunk {chunk}")
         wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
         kept = [t for _, value in cache._entries.values() for t in value]  # the split's and the waypoint's outputs
         return wall, after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime, kept
