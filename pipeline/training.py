@@ -192,9 +192,9 @@ def _split_kept(*encoders: nn.Module) -> Iterator[None]:
 
 # Images per pass through a frozen image prefix. EfficientNet-Lite0's largest activation at 192 px is 3.5 MB a
 # sample (96 channels at 96 x 96): 64 of them are 226 MB, which glibc maps fresh and unmaps on every pass (its
-# mmap threshold tops out at 32 MiB), so every pass had its pages zeroed and faulted in again: 1.2 to 6 s a pass
-# of 64, where eight passes of 8 (28 MB, from the kept heap) take 1.1 to 1.4 s. Eval-mode convolutions compute each
-# sample alone, so the outputs are bitwise the whole batch's (the build's five sha256 unchanged, BENCHMARKS.md).
+# mmap threshold tops out at 32 MiB), so every pass had its pages faulted in again; 8 samples (28 MB) come from the
+# kept heap: the train split's prefix took 35 s against 77 s (benchmarks/prefix_chunk.py). Eval-mode convolutions
+# compute each sample alone, so the outputs are bitwise the whole batch's (the build's five sha256 unchanged, BENCHMARKS.md).
 IMAGE_PREFIX_CHUNK = 8
 
 

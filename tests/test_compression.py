@@ -458,18 +458,15 @@ def test_a_deeper_prefix_keeps_its_outputs_at_the_compression_reach_on_the_way()
 CHUNKED_PREFIX = """
 from pipeline.kernels import pin_kernels
 pin_kernels()  # the build's kernels, set before torch loads, as the CLI does
-import numpy as np, torch
-from pipeline.data.encode import Encoded
+import torch
+from test_compression import random_samples
 from pipeline.models import build_model, default_config
 from pipeline.training import IMAGE_PREFIX_CHUNK, prefix_outputs
 config = default_config("fused-effnet-minilm", 9)
 torch.manual_seed(0)
 model = build_model(config, pretrained=False).eval()
-n, size, tokens = 2 * IMAGE_PREFIX_CHUNK + 3, config.input_spec().image_size, config.input_spec().max_tokens
-rng = np.random.default_rng(0)
-data = Encoded(ids=tuple(map(str, range(n))), inputs={"image": rng.random((n, 3, size, size), dtype=np.float32),
-               "input_ids": rng.integers(1, 100, (n, tokens)), "attention_mask": np.ones((n, tokens), np.int64)}, labels=np.arange(n) % 9)
-image, _ = prefix_outputs(model, data, n)  # one batch of 19: three chunks, the last short
+data = random_samples(config.input_spec(), 2 * IMAGE_PREFIX_CHUNK + 3)
+image, _ = prefix_outputs(model, data, len(data))  # one batch of 19: three chunks, the last short
 with torch.inference_mode():
     whole = model.image_encoder.prefix(torch.from_numpy(data.inputs["image"]))
 print("bitwise" if torch.equal(image, whole) else f"differs by {(image - whole).abs().max().item()}")
@@ -485,7 +482,7 @@ def test_the_image_prefix_computed_in_chunks_is_bitwise_the_whole_batchs():
 
     repo = Path(__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, "-c", CHUNKED_PREFIX], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(repo)})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "bitwise"
 
