@@ -19,6 +19,7 @@ from onnxruntime.quantization import QuantType
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 import onnx
 
+from pipeline.quantization.bias_correction import ConvInputMeans, correct_biases
 from pipeline.quantization.embedding import EmbeddingForm, quantize_embedding
 from pipeline.quantization.placement import Region
 from pipeline.quantization.topology import sort_nodes_topologically
@@ -104,17 +105,20 @@ def _quantize_ops(model: Any, regions: Sequence[Region], ranges: Any, form: Form
 
 
 def write_qdq(prepared: Path, regions: Sequence[Region], quantized: Collection[str], ranges: Any, form: Form,
-              output: Path, weights: WeightForm | None = None) -> Path:
+              output: Path, weights: WeightForm | None = None, conv_means: ConvInputMeans | None = None) -> Path:
     """The prepared model with the regions named in `quantized` in INT8 (the rest float), saved to output.
 
     weights: None keeps the weights INT8 initializers; FLOAT_QDQ writes them float -> QuantizeLinear ->
-    DequantizeLinear (TensorRT 8.x, weight_form.py), the same numbers."""
+    DequantizeLinear (TensorRT 8.x, weight_form.py), the same numbers.
+    conv_means: with them, every INT8 convolution's bias is corrected for its weights' rounding (bias_correction.py)."""
 
     model = onnx.load(str(prepared))
     chosen = [region for region in regions if region.name in quantized]
     operator_regions = [region for region in chosen if region.kind != "embedding"]
     if operator_regions:  # an empty node list means "everything" to QDQQuantizer
         model = _quantize_ops(model, operator_regions, ranges, form)
+        if conv_means is not None:
+            correct_biases(model, onnx.load(str(prepared)), conv_means)
     for region in chosen:
         if region.kind == "embedding":
             quantize_embedding(model, region.name, form.embedding_form)

@@ -22,6 +22,7 @@ import onnx
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pipeline.artifacts import Artifact
+from pipeline.quantization.bias_correction import BIAS_CORRECTION_RULE, ConvInputMeans, conv_input_means
 from pipeline.data.encode import Encoded
 from pipeline.quantization.calibrate import CALIBRATION_BATCH, TensorRange, calibrate, to_tensors_data
 from pipeline.quantization.evaluate import Evaluation, Evaluator, TuningEvaluator, make_evaluator
@@ -36,7 +37,7 @@ from pipeline.targets import Quantize
 __all__ = ["quantize", "quantize_settings", "Evaluation", "Evaluator", "make_evaluator", "CALIBRATION_BATCH"]
 
 # Bump when the algorithm changes what it writes: part of the cache key.
-ALGORITHM = "edgepipe-int8/5"  # 5: nodes written topologically sorted
+ALGORITHM = "edgepipe-int8/6"  # 5: nodes written topologically sorted; 6: INT8 convolutions' biases corrected
 OUTPUT_NAME = "model.int8.onnx"
 
 
@@ -73,9 +74,10 @@ class _CandidateBuilder:
     """Writes (once) the INT8 model with a given set of regions kept in float."""
 
     def __init__(self, prepared: Path, regions: list[Region], ranges: dict[str, TensorRange], form: Form,
-                 method: str, directory: Path, weights: WeightForm | None = None):
+                 method: str, directory: Path, weights: WeightForm | None = None, conv_means: ConvInputMeans | None = None):
         self.prepared, self.regions, self.form, self.directory = prepared, regions, form, directory
         self.weights = weights  # every candidate is written in the form that ships, so the fallback measures that
+        self.conv_means = conv_means
         self.ranges = to_tensors_data(ranges, method)
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -84,7 +86,7 @@ class _CandidateBuilder:
         path = self.directory / f"candidate-{key}.onnx"
         if not path.exists():
             quantized = {region.name for region in self.regions} - floats
-            write_qdq(self.prepared, self.regions, quantized, self.ranges, self.form, path, self.weights)
+            write_qdq(self.prepared, self.regions, quantized, self.ranges, self.form, path, self.weights, self.conv_means)
         return path
 
 
@@ -100,10 +102,13 @@ def _float_region_rows(result: FallbackResult) -> list[dict[str, Any]]:
 
 
 def quantize(fp32: Artifact, calibration: Encoded, settings: Quantize, workdir: Path,
-             evaluator: Evaluator | None = None, weights: WeightForm | None = None, form: Form | None = None) -> Artifact:
+             evaluator: Evaluator | None = None, weights: WeightForm | None = None, form: Form | None = None,
+             bias_correction: bool = True) -> Artifact:
     """weights: None writes INT8 weight initializers; FLOAT_QDQ float weights -> Q -> DQ (weight_form.py).
 
-    form: None writes the form settings.form names (qdq.FORMS); a benchmark may pass a variant of one."""
+    form: None writes the form settings.form names (qdq.FORMS); a benchmark may pass a variant of one.
+    bias_correction: correct each INT8 convolution's bias for its weights' rounding (bias_correction.py); a
+    benchmark may turn it off to measure what it buys."""
     form = FORMS[settings.form] if form is None else form
     scratch = workdir / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
@@ -113,7 +118,8 @@ def quantize(fp32: Artifact, calibration: Encoded, settings: Quantize, workdir: 
                            fuse_activations=form.fuse_activations, float_residual_writers=form.float_residual_writers)
     ranges = calibrate(prepared, _calibrated_tensors(regions, form), calibration, settings.method,
                        symmetric=form.symmetric_activations, percentile=settings.percentile)
-    build = _CandidateBuilder(prepared, regions, ranges, form, settings.method, scratch / "candidates", weights)
+    conv_means = conv_input_means(prepared, calibration) if bias_correction else None
+    build = _CandidateBuilder(prepared, regions, ranges, form, settings.method, scratch / "candidates", weights, conv_means)
     result: FallbackResult | None = None
     if isinstance(evaluator, TuningEvaluator):  # measure the candidates as the deploy runtime computes them
         evaluator = evaluator.with_session_config(form.ort_session_config)
@@ -127,14 +133,14 @@ def quantize(fp32: Artifact, calibration: Encoded, settings: Quantize, workdir: 
     output = workdir / OUTPUT_NAME
     shutil.copyfile(chosen, output)
     shutil.rmtree(scratch)
-    meta = _meta(output, settings, form, calibration, regions, ranges, result)
+    meta = _meta(output, settings, form, calibration, regions, ranges, result, conv_means)
     if weights is not None:  # only then: other targets' meta stays as it was
         meta.update({"weight_form": weights, "weight_form_rule": WEIGHT_FORM_RULE})
     return Artifact(kind="onnx", path=output, sha256=sha256_file(output), meta=meta)
 
 
 def _meta(output: Path, settings: Quantize, form: Form, calibration: Encoded, regions: list[Region],
-          ranges: dict[str, TensorRange], result: FallbackResult | None) -> dict[str, Any]:
+          ranges: dict[str, TensorRange], result: FallbackResult | None, conv_means: ConvInputMeans | None) -> dict[str, Any]:
     floats = set(result.float_regions) if result else set()
     kinds = {kind: sum(r.kind == kind and r.name not in floats for r in regions)
              for kind in ("weighted", "residual-add", "embedding")}
@@ -154,6 +160,7 @@ def _meta(output: Path, settings: Quantize, form: Form, calibration: Encoded, re
         "regions": len(regions),
         "quantized_regions": kinds,
         "embedding": _embedding_setting(settings),
+        "bias_correction": BIAS_CORRECTION_RULE if conv_means is not None else None,
         "algorithm": ALGORITHM,
         "float_regions": _float_region_rows(result) if result else [],
         "fallback_steps": len(result.steps) if result else 0,
