@@ -71,6 +71,10 @@ def test_the_shift_counts_only_the_positions_a_tap_reaches_inside_the_padding():
     assert weight_rounding_shift(node, mean_input, corner) == pytest.approx([0.9 * 4 / 9])
     strided = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv")
     assert weight_rounding_shift(strided, mean_input, corner) == pytest.approx([0.9 * 1 / 4])  # outputs (0,0) (0,2) (2,0) (2,2)
+    first_tap = np.zeros((1, 1, 3))
+    first_tap[0, 0, 0] = 0.9  # a 1-D convolution (a user's Conv1d): the first tap reaches 2 of 3 positions
+    one_d = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1], name="conv")
+    assert weight_rounding_shift(one_d, np.ones((1, 3)), first_tap) == pytest.approx([0.9 * 2 / 3])
 
 
 def _depthwise_then_pointwise(path: Path, channels: int = 8) -> Artifact:
