@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.artifacts import Artifact
 from pipeline.data.encode import Encoded
-from pipeline.quantization.bias_correction import conv_input_means, weight_rounding_shift
+from pipeline.quantization.bias_correction import conv_input_means, tap_means, weight_rounding_shift
 from pipeline.quantization.calibrate import calibrate, to_tensors_data
 from pipeline.quantization.evaluate import ort_logits
 from pipeline.quantization.placement import find_regions
@@ -61,20 +61,21 @@ def test_a_rounded_weight_moves_the_bias_by_the_hand_computed_shift(tmp_path):
     assert corrected.meta["bias_correction"] and plain.meta["bias_correction"] is None
 
 
-def test_the_shift_counts_only_the_positions_a_tap_reaches_inside_the_padding():
-    # A 3x3 kernel, padding 1, on a 3x3 input of ones: the centre tap reaches all 9 output positions, a corner tap 4
-    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")
-    mean_input = np.ones((1, 3, 3))
-    centre, corner = np.zeros((1, 1, 3, 3)), np.zeros((1, 1, 3, 3))
-    centre[0, 0, 1, 1] = corner[0, 0, 0, 0] = 0.9
-    assert weight_rounding_shift(node, mean_input, centre) == pytest.approx([0.9])
-    assert weight_rounding_shift(node, mean_input, corner) == pytest.approx([0.9 * 4 / 9])
-    strided = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv")
-    assert weight_rounding_shift(strided, mean_input, corner) == pytest.approx([0.9 * 1 / 4])  # outputs (0,0) (0,2) (2,0) (2,2)
-    first_tap = np.zeros((1, 1, 3))
-    first_tap[0, 0, 0] = 0.9  # a 1-D convolution (a user's Conv1d): the first tap reaches 2 of 3 positions
-    one_d = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1], name="conv")
-    assert weight_rounding_shift(one_d, np.ones((1, 3)), first_tap) == pytest.approx([0.9 * 2 / 3])
+def test_a_taps_mean_counts_only_the_positions_it_reaches_inside_the_padding():
+    # A 3x3 kernel, padding 1, on a 3x3 input of ones: the centre tap reads a one at all 9 output positions, a corner
+    # tap at 4 (zeros of the padding elsewhere); with stride 2 the corner tap reads one at 1 of the 4 outputs
+    ones = np.ones((2, 1, 3, 3))  # two samples: taps are summed over the batch
+    taps = tap_means(helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]), ones, (3, 3))
+    assert taps[0, 1, 1] == pytest.approx(2.0) and taps[0, 0, 0] == pytest.approx(2 * 4 / 9)
+    strided = tap_means(helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2]), ones, (3, 3))
+    assert strided[0, 0, 0] == pytest.approx(2 * 1 / 4)
+    one_d = tap_means(helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1]), np.ones((1, 1, 3)), (3,))  # a user's Conv1d
+    assert one_d[0] == pytest.approx([2 / 3, 1.0, 2 / 3])
+    # the shift weighs each tap's mean by that tap's weight error; a depthwise output reads its own channel only
+    error = np.zeros((2, 1, 3, 3))
+    error[0, 0, 0, 0], error[1, 0, 1, 1] = 0.9, 0.5
+    two_channels = np.stack([taps[0], 3 * taps[0]])
+    assert weight_rounding_shift(two_channels, error, group=2) == pytest.approx([0.9 * 2 * 4 / 9, 0.5 * 3 * 2])
 
 
 def _depthwise_then_pointwise(path: Path, channels: int = 8) -> Artifact:

@@ -7,16 +7,17 @@ are where it is largest. Nagel et al., "Data-Free Quantization Through Weight Eq
 Correction" (ICCV 2019), section 4.2, subtract that mean from the bias; this is their empirical form, with the
 calibration samples standing in for the data:
 
-    shift[o] = mean over output positions of conv(E[x], Ŵ - W)[o]      (E[x]: per channel and position)
+    shift[o] = sum over i, k of (Ŵ - W)[o, i, k] x T[i, k]      (T[i, k]: the mean of what tap k reads of channel i)
     bias'    = bias - shift
 
-Convolution is linear in x, so conv(E[x], ...) is E[conv(x, ...)] exactly, zero padding included. Ŵ is read
+T is averaged over the calibration samples and the output positions, zero padding included, so the shift is
+exactly the mean over samples and positions of conv(x, Ŵ - W), the error a constant bias can take back. Ŵ is read
 from the Q/DQ model as ONNX Runtime's quantizer wrote it (DequantizeLinear of the INT8 initializer), so the
 correction follows whatever rounding and range the form uses. The bias stays float in every form here
 (Form.quantize_bias is False), so the corrected value is what the runtime adds. Only convolutions whose
 weights are INT8 are corrected: one the fallback keeps in float keeps its bias.
 
-Left alone: Gemm and MatMul (their bias, where there is one, is a separate Add after a MatMul); on the
+Left alone: 3-D convolutions, auto_pad SAME_*, and Gemm and MatMul (their bias, where there is one, is a separate Add after a MatMul); on the
 default model the loss was in the image branch's convolutions (BENCHMARKS.md, "The `cpu` target's INT8
 agreement").
 """
@@ -43,42 +44,66 @@ _DEFAULT_AXIS = 1  # ONNX DequantizeLinear's axis default
 
 @dataclass(frozen=True)
 class ConvInputMeans:
-    """The mean input (per channel and position) of each convolution with a constant weight, over the calibration samples."""
+    """Per convolution with a constant weight: the mean, over the calibration samples and the output positions, of the
+    input value each kernel tap reads (zero padding included), shape (input channels, *kernel). Small whatever the
+    image size: a tap's mean is all the shift needs, so no input map is kept."""
 
-    means: Mapping[str, np.ndarray]  # conv input tensor name -> float64 array of the input's shape without the batch axis
+    taps: Mapping[str, np.ndarray]  # conv node name -> float64 array (C_in, *kernel)
     samples: int
 
 
 def _correctable_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Conv nodes whose weight is an initializer and whose padding is explicit (auto_pad SAME_* would need the shapes)."""
-    initializers = {init.name for init in model.graph.initializer}
+    """2-D and 1-D Conv nodes whose weight is an initializer and whose padding is explicit (auto_pad SAME_* would need the shapes)."""
+    initializers = {init.name: init for init in model.graph.initializer}
     convs = []
     for node in model.graph.node:
         if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in initializers:
             continue
-        auto_pad = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "auto_pad"), b"NOTSET")
-        if auto_pad in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        if _attributes(node).get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID") and len(initializers[node.input[1]].dims) in (3, 4):
             convs.append(node)
     return convs
 
 
-def conv_input_means(prepared: Path, data: Encoded) -> ConvInputMeans:
-    """One pass of data through the FP32 model, keeping the running sum of every correctable convolution's input."""
-    model = onnx.load(str(prepared), load_external_data=False)
-    tensors = sorted({node.input[0] for node in _correctable_convs(model)})
-    sums: dict[str, np.ndarray] = {}
-    samples = 0
-    if tensors:
-        for values in run_with_intermediates(prepared, tensors, data.batches(CALIBRATION_BATCH)):
-            for name, value in values.items():
-                total = np.asarray(value, dtype=np.float64).sum(axis=0)
-                sums[name] = total if name not in sums else sums[name] + total
-            samples += len(next(iter(values.values())))
-    return ConvInputMeans({name: total / max(samples, 1) for name, total in sums.items()}, samples)
-
-
 def _attributes(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def tap_means(node: onnx.NodeProto, inputs: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
+    """For a batch of node's inputs (N, C, *spatial): per channel and kernel tap, the sum over samples of the mean over
+    output positions of the value that tap reads, with node's padding, stride and dilation: shape (C, *kernel)."""
+    import torch  # torch's unfold; the quantize stage otherwise runs on ONNX Runtime alone
+    import torch.nn.functional as F
+
+    spatial = len(kernel)
+    attributes = _attributes(node)
+    valid = attributes.get("auto_pad", b"NOTSET") in (b"VALID", "VALID")
+    pads = [0] * 2 * spatial if valid else list(attributes.get("pads", [0] * 2 * spatial))
+    strides, dilations = attributes.get("strides", [1] * spatial), attributes.get("dilations", [1] * spatial)
+    x = torch.from_numpy(np.asarray(inputs, dtype=np.float64)).sum(dim=0, keepdim=True)
+    if spatial == 1:  # as a 2-D input of height 1
+        x, kernel, pads, strides, dilations = x[:, :, None], (1, *kernel), [0, pads[0], 0, pads[1]], [1, *strides], [1, *dilations]
+    # ONNX pads are (begin_1, begin_2, end_1, end_2); F.pad wants (begin_2, end_2, begin_1, end_1)
+    x = F.pad(x, [pads[1], pads[3], pads[0], pads[2]])
+    columns = F.unfold(x, kernel_size=tuple(kernel), dilation=tuple(dilations), stride=tuple(strides))  # (1, C x taps, positions)
+    taps = columns.mean(dim=2)[0].reshape(x.shape[1], *kernel).numpy()
+    return taps[:, 0] if spatial == 1 else taps
+
+
+def conv_input_means(prepared: Path, data: Encoded) -> ConvInputMeans:
+    """One pass of data through the FP32 model, summing what each correctable convolution's kernel taps read."""
+    model = onnx.load(str(prepared), load_external_data=False)
+    kernels = {init.name: tuple(init.dims[2:]) for init in model.graph.initializer}
+    convs = _correctable_convs(model)
+    sums: dict[str, np.ndarray] = {}
+    samples = 0
+    if convs:
+        tensors = sorted({node.input[0] for node in convs})
+        for values in run_with_intermediates(prepared, tensors, data.batches(CALIBRATION_BATCH)):
+            for node in convs:
+                taps = tap_means(node, values[node.input[0]], kernels[node.input[1]])
+                sums[node.name] = taps if node.name not in sums else sums[node.name] + taps
+            samples += len(next(iter(values.values())))
+    return ConvInputMeans({name: total / max(samples, 1) for name, total in sums.items()}, samples)
 
 
 def _dequantized_weight(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto],
@@ -99,22 +124,12 @@ def _dequantized_weight(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeP
     return (quantized - zero) * scale
 
 
-def weight_rounding_shift(node: onnx.NodeProto, mean_input: np.ndarray, weight_error: np.ndarray) -> np.ndarray:
-    """Per output channel: the mean over output positions of conv(mean_input, weight_error) with node's geometry."""
-    import torch
-    import torch.nn.functional as F
-
-    spatial = weight_error.ndim - 2
-    attributes = _attributes(node)
-    valid = attributes.get("auto_pad", b"NOTSET") in (b"VALID", "VALID")
-    pads = [0] * 2 * spatial if valid else list(attributes.get("pads", [0] * 2 * spatial))
-    # ONNX pads are (begin_1 .. begin_n, end_1 .. end_n); F.pad wants the last axis first, (begin, end) per axis
-    torch_pads = [p for axis in reversed(range(spatial)) for p in (pads[axis], pads[axis + spatial])]
-    x = F.pad(torch.from_numpy(np.asarray(mean_input, dtype=np.float64))[None], torch_pads)
-    convolve = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
-    y = convolve(x, torch.from_numpy(weight_error), stride=attributes.get("strides", [1] * spatial),
-                 dilation=attributes.get("dilations", [1] * spatial), groups=attributes.get("group", 1))
-    return y.mean(dim=tuple(range(2, 2 + spatial)))[0].numpy()
+def weight_rounding_shift(taps: np.ndarray, weight_error: np.ndarray, group: int = 1) -> np.ndarray:
+    """Per output channel o: the sum over its group's input channels i and the taps k of weight_error[o, i, k] x taps[i, k]."""
+    outputs, per_group = weight_error.shape[0], weight_error.shape[1]
+    group_taps = taps.reshape(group, per_group, *taps.shape[1:])  # input channels, by group
+    of_output = np.repeat(group_taps, outputs // group, axis=0)  # (outputs, per_group, *kernel): the taps each output reads
+    return (weight_error * of_output).reshape(outputs, -1).sum(axis=1)
 
 
 def correct_biases(model: onnx.ModelProto, original: onnx.ModelProto, means: ConvInputMeans) -> int:
@@ -128,14 +143,14 @@ def correct_biases(model: onnx.ModelProto, original: onnx.ModelProto, means: Con
     by_name = {node.name: node for node in graph.node}
     corrected = 0
     for node in _correctable_convs(original):
-        quantized_node, mean_input = by_name.get(node.name), means.means.get(node.input[0])
-        if quantized_node is None or mean_input is None or not _float_bias(quantized_node, initializers):
+        quantized_node, taps = by_name.get(node.name), means.taps.get(node.name)
+        if quantized_node is None or taps is None or not _float_bias(quantized_node, initializers):
             continue
         weight = _dequantized_weight(quantized_node, producers, initializers)
         if weight is None:  # kept in float
             continue
         error = weight - numpy_helper.to_array(float_weights[node.input[1]]).astype(np.float64)
-        shift = weight_rounding_shift(node, mean_input, error)
+        shift = weight_rounding_shift(taps, error, _attributes(node).get("group", 1))
         _set_bias(graph, quantized_node, initializers, shift)
         corrected += 1
     return corrected
