@@ -11,9 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.artifacts import Artifact
 from pipeline.data.encode import Encoded
+from pipeline.parity import Gate
 from pipeline.quantization.bias_correction import conv_input_means, tap_means, weight_rounding_shift
 from pipeline.quantization.calibrate import calibrate, to_tensors_data
-from pipeline.quantization.evaluate import ort_logits
+from pipeline.quantization.evaluate import make_evaluator, ort_logits
 from pipeline.quantization.placement import find_regions
 from pipeline.quantization.qdq import FORMS, write_qdq
 from pipeline.quantization.quantize import quantize
@@ -78,7 +79,8 @@ def test_a_taps_mean_counts_only_the_positions_it_reaches_inside_the_padding():
     assert weight_rounding_shift(two_channels, error, group=2) == pytest.approx([0.9 * 2 * 4 / 9, 0.5 * 3 * 2])
 
 
-def _depthwise_then_pointwise(path: Path, channels: int = 8) -> Artifact:
+def _depthwise_then_pointwise(path: Path, channels: int = 8, pooled: bool = False) -> Artifact:
+    """x -> depthwise 3x3 conv -> Relu -> pointwise conv -> y (pooled: averaged over positions, logits of 4 classes)."""
     rng = np.random.default_rng(3)
     inits = [numpy_helper.from_array(rng.standard_normal((channels, 1, 3, 3)).astype(np.float32), "dw.w"),
              numpy_helper.from_array(np.zeros(channels, np.float32), "dw.b"),
@@ -86,8 +88,10 @@ def _depthwise_then_pointwise(path: Path, channels: int = 8) -> Artifact:
              numpy_helper.from_array(np.zeros(4, np.float32), "pw.b")]
     nodes = [helper.make_node("Conv", ["x", "dw.w", "dw.b"], ["h"], group=channels, pads=[1, 1, 1, 1], name="dw"),
              helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("Conv", ["r", "pw.w", "pw.b"], ["y"], name="pw")]
-    return _save(nodes, inits, (channels, 6, 6), (4, 6, 6), path)
+             helper.make_node("Conv", ["r", "pw.w", "pw.b"], ["p" if pooled else "y"], name="pw")]
+    if pooled:
+        nodes += [helper.make_node("GlobalAveragePool", ["p"], ["g"], name="pool"), helper.make_node("Flatten", ["g"], ["y"], name="flat")]
+    return _save(nodes, inits, (channels, 6, 6), (4,) if pooled else (4, 6, 6), path)
 
 
 @pytest.mark.parametrize("form", ["cpu", "tensorrt"])
@@ -119,3 +123,18 @@ def test_only_the_convolutions_with_int8_weights_are_corrected(tmp_path):
     assert not np.allclose(_biases(int8.path)["pw"], 0.0) and not np.allclose(_biases(int8.path)["dw"], 0.0)
     assert np.array_equal(_biases(partial)["pw"], np.zeros(4, np.float32))  # kept in float: its bias as exported
     assert np.array_equal(_biases(partial)["dw"], _biases(int8.path)["dw"])
+
+
+def test_the_tuning_set_decides_whether_the_correction_is_kept(tmp_path):
+    fp32 = _depthwise_then_pointwise(tmp_path / "m.onnx", pooled=True)
+    rng = np.random.default_rng(6)
+    data = _data(rng.uniform(0.5, 3.0, (1, 8, 1, 1)) + rng.standard_normal((64, 8, 6, 6)))
+    settings, gate = Quantize(form="cpu", method="minmax", op_types=("Conv",), max_fallback_steps=0), Gate(max_drop_pts=None)
+    # judged against the float model, the corrected biases answer more like it and are kept
+    towards_float = quantize(fp32, data, settings, tmp_path / "float", evaluator=make_evaluator(data, ort_logits(fp32.path, data), gate))
+    assert towards_float.meta["bias_correction_choice"]["kept"] and towards_float.meta["bias_correction"]
+    # judged against the uncorrected INT8 model itself, the plain one agrees exactly and wins: the biases stay as exported
+    plain = quantize(fp32, data, settings, tmp_path / "plain", bias_correction=False)
+    towards_plain = quantize(fp32, data, settings, tmp_path / "towards-plain", evaluator=make_evaluator(data, ort_logits(plain.path, data), gate))
+    assert not towards_plain.meta["bias_correction_choice"]["kept"] and towards_plain.meta["bias_correction"] is None
+    assert np.array_equal(_biases(towards_plain.path)["pw"], np.zeros(4, np.float32))
