@@ -15,7 +15,9 @@ exactly the mean over samples and positions of conv(x, Ŵ - W), the error a cons
 from the Q/DQ model as ONNX Runtime's quantizer wrote it (DequantizeLinear of the INT8 initializer), so the
 correction follows whatever rounding and range the form uses. The bias stays float in every form here
 (Form.quantize_bias is False), so the corrected value is what the runtime adds. Only convolutions whose
-weights are INT8 are corrected: one the fallback keeps in float keeps its bias.
+weights are INT8 are corrected: one the fallback keeps in float keeps its bias. The correction is exact for the
+FP32 model's inputs, not a promise of better answers: the quantize stage keeps it only where the all-INT8 model
+then agrees more with the reference on the tuning split (quantize.py).
 
 Left alone: 3-D convolutions, auto_pad SAME_*, and Gemm and MatMul (their bias, where there is one, is a separate Add after a MatMul); on the
 default model the loss was in the image branch's convolutions (BENCHMARKS.md, "The `cpu` target's INT8

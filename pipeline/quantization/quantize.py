@@ -3,7 +3,8 @@
     prepare (ONNX Runtime's quant_pre_process: shape inference, cleanup; name every node)
     -> find regions (placement.py: weighted ops, residual adds, the token embedding)
     -> calibrate their activations (calibrate.py: minmax / percentile / entropy)
-    -> write the Q/DQ model in the target's form (qdq.py: "tensorrt" or "cpu")
+    -> write the Q/DQ model in the target's form (qdq.py: "tensorrt" or "cpu"), each INT8 convolution's bias
+       corrected for its weights' rounding (bias_correction.py) where that agrees more with the reference on the tuning set
     -> with an evaluator: accuracy-aware fallback (fallback.py) until the gate holds on the tuning set.
 
 The conductor gates the result on the eval split afterwards; meta records what
@@ -22,8 +23,8 @@ import onnx
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pipeline.artifacts import Artifact
-from pipeline.quantization.bias_correction import BIAS_CORRECTION_RULE, ConvInputMeans, conv_input_means
 from pipeline.data.encode import Encoded
+from pipeline.quantization.bias_correction import BIAS_CORRECTION_RULE, ConvInputMeans, conv_input_means
 from pipeline.quantization.calibrate import CALIBRATION_BATCH, TensorRange, calibrate, to_tensors_data
 from pipeline.quantization.evaluate import Evaluation, Evaluator, TuningEvaluator, make_evaluator
 from pipeline.quantization.fallback import FallbackResult, accuracy_aware_fallback, summary
