@@ -36,12 +36,12 @@ from onnx import helper, numpy_helper
 
 from pipeline.data.encode import Encoded
 from pipeline.quantization.calibrate import CALIBRATION_BATCH, run_with_intermediates
+from pipeline.quantization.weight_form import dequantized_weight
 
 __all__ = ["BIAS_CORRECTION_RULE", "ConvInputMeans", "conv_input_means", "correct_biases"]
 
 BIAS_CORRECTION_RULE = ("each INT8 convolution's bias minus the mean its rounded weights add on the calibration "
                         "samples (Nagel et al. 2019, Data-Free Quantization, section 4.2, empirical)")
-_DEFAULT_AXIS = 1  # ONNX DequantizeLinear's axis default
 
 
 @dataclass(frozen=True)
@@ -108,24 +108,6 @@ def conv_input_means(prepared: Path, data: Encoded) -> ConvInputMeans:
     return ConvInputMeans({name: total / max(samples, 1) for name, total in sums.items()}, samples)
 
 
-def _dequantized_weight(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto],
-                        initializers: Mapping[str, onnx.TensorProto]) -> np.ndarray | None:
-    """Ŵ as the Q/DQ model computes it: DequantizeLinear of an INT8 initializer; None if the weight is not quantized."""
-    dequantize = producers.get(node.input[1])
-    if dequantize is None or dequantize.op_type != "DequantizeLinear" or dequantize.input[0] not in initializers:
-        return None
-    quantized = numpy_helper.to_array(initializers[dequantize.input[0]]).astype(np.float64)
-    scale = numpy_helper.to_array(initializers[dequantize.input[1]]).astype(np.float64)
-    zero = (numpy_helper.to_array(initializers[dequantize.input[2]]).astype(np.float64)
-            if len(dequantize.input) > 2 and dequantize.input[2] else np.zeros_like(scale))
-    if scale.ndim == 1:  # per channel, along the DequantizeLinear's axis
-        axis = _attributes(dequantize).get("axis", _DEFAULT_AXIS) % quantized.ndim
-        shape = [1] * quantized.ndim
-        shape[axis] = -1
-        scale, zero = scale.reshape(shape), zero.reshape(shape)
-    return (quantized - zero) * scale
-
-
 def weight_rounding_shift(taps: np.ndarray, weight_error: np.ndarray, group: int = 1) -> np.ndarray:
     """Per output channel o: the sum over its group's input channels i and the taps k of weight_error[o, i, k] x taps[i, k]."""
     outputs, per_group = weight_error.shape[0], weight_error.shape[1]
@@ -148,10 +130,11 @@ def correct_biases(model: onnx.ModelProto, original: onnx.ModelProto, means: Con
         quantized_node, taps = by_name.get(node.name), means.taps.get(node.name)
         if quantized_node is None or taps is None or not _float_bias(quantized_node, initializers):
             continue
-        weight = _dequantized_weight(quantized_node, producers, initializers)
+        dequantize = producers.get(quantized_node.input[1])
+        weight = dequantized_weight(dequantize, initializers) if dequantize is not None else None
         if weight is None:  # kept in float
             continue
-        error = weight - numpy_helper.to_array(float_weights[node.input[1]]).astype(np.float64)
+        error = weight.astype(np.float64) - numpy_helper.to_array(float_weights[node.input[1]]).astype(np.float64)
         shift = weight_rounding_shift(taps, error, _attributes(node).get("group", 1))
         _set_bias(graph, quantized_node, initializers, shift)
         corrected += 1

@@ -30,7 +30,7 @@ from pipeline.lint import takes_prequantized_weights
 from pipeline.quantization.topology import sort_nodes_topologically
 from pipeline.targets import Target
 
-__all__ = ["WeightForm", "FLOAT_QDQ", "WEIGHT_FORM_RULE", "weight_form_for", "requantize_from_float"]
+__all__ = ["WeightForm", "FLOAT_QDQ", "WEIGHT_FORM_RULE", "weight_form_for", "requantize_from_float", "dequantized_weight"]
 
 WeightForm = Literal["float-qdq"]
 FLOAT_QDQ: WeightForm = "float-qdq"
@@ -96,6 +96,16 @@ def requantize_from_float(model: onnx.ModelProto) -> int:
         _remove_unread_initializers(graph, {key[0] for key in requantized})
         sort_nodes_topologically(graph)
     return rewritten
+
+
+def dequantized_weight(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    """What a DequantizeLinear reading an INT8/UINT8 initializer computes, (q - zero_point) * scale; None for other nodes."""
+    weight = _quantized_weight(node, initializers)
+    if weight is None:
+        return None
+    q, scale = numpy_helper.to_array(initializers[weight.data]), numpy_helper.to_array(initializers[weight.scale])
+    zero_point = numpy_helper.to_array(initializers[weight.zero_point]) if weight.zero_point else np.zeros(scale.shape, q.dtype)
+    return _dequantized(q, scale, zero_point, weight.axis)
 
 
 def _quantized_weight(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> _QuantizedWeight | None:
