@@ -24,6 +24,7 @@ import pytest
 
 from helpers import write_emoji_folder, write_target
 from pipeline.store import artifact_digest, sha256_file
+from pipeline.training import TrainSettings
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -238,3 +239,16 @@ def test_with_no_wait_a_second_build_fails_at_once_and_changes_nothing(build_arg
     assert refused_in < TIMEOUT / 2
     assert done.returncode == 0, done.stderr[-3000:]  # the first build, undisturbed, finishes (from the cache)
     assert all(s["cached"] for s in json.loads(done.stdout)["stages"])
+
+
+def test_naming_the_default_recovery_seed_finds_the_compression_cached_and_another_seed_retrains(build_args, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference.out, out, ignore=shutil.ignore_patterns(".lock"))
+    args = with_out(build_args, out)
+    same = run([*args, "--recovery-seed", str(TrainSettings().seed)], tmp_path)  # what the build resolves no flag to
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert [(s["name"], s["cached"]) for s in json.loads(same.stdout)["stages"]] == [(name, True) for name in STAGES]
+    other = run([*args, "--recovery-seed", str(TrainSettings().seed + 1)], tmp_path)
+    assert other.returncode == 0, other.stderr[-3000:]
+    cached = {s["name"]: s["cached"] for s in json.loads(other.stdout)["stages"]}
+    assert (cached["source"], cached["prune"], cached["factorize"]) == (True, False, False)

@@ -46,7 +46,7 @@ class FactorizeConfig:
 def factorize_only(compression: Compression) -> Compression:
     defaults = Compression()
     return dataclasses.replace(compression, prune_image=0.0, prune_text=0.0, prune_fusion=0.0, text_depth=None, importance=defaults.importance,
-                               allocate=False, budget_macs=None, recovery_lr=defaults.recovery_lr)
+                               allocate=False, budget_macs=None, recovery_lr=defaults.recovery_lr, recovery_seed=None)
 
 
 def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:

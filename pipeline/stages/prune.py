@@ -46,7 +46,8 @@ class PruneConfig:
 
 
 def prune_only(compression: Compression) -> Compression:
-    return dataclasses.replace(compression, factorize_energy=None, embedding_energy=None, factorize_epochs=None)
+    # recovery_seed: the recovery config holds the seed it resolves to, so --recovery-seed 0 shares the default's cache
+    return dataclasses.replace(compression, factorize_energy=None, embedding_energy=None, factorize_epochs=None, recovery_seed=None)
 
 
 def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:
