@@ -26,6 +26,8 @@ SETTINGS = {
     "pinned (the build's default: ATen, oneDNN, MKL instructions at AVX2)": dict(PINNED),
     "pinned + MKL_CBWR=AVX2 (MKL's reproducibility mode)": {**PINNED, "MKL_CBWR": "AVX2"},
     "MKL_CBWR=AVX2 alone": {"MKL_CBWR": "AVX2"},
+    "ATEN_CPU_CAPABILITY=avx2 alone": {"ATEN_CPU_CAPABILITY": "avx2"},
+    "ONEDNN_MAX_CPU_ISA=AVX2 alone": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
     "ATEN_CPU_CAPABILITY=default": {"ATEN_CPU_CAPABILITY": "default"},
     "ONEDNN_MAX_CPU_ISA=SSE41": {"ONEDNN_MAX_CPU_ISA": "SSE41"},
     "MKL_ENABLE_INSTRUCTIONS=SSE4_2": {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},

@@ -59,13 +59,14 @@ GOLDEN_SAMPLES = 128
 SENSITIVITY_SAMPLES = 64
 # The stage modules by pass name; each declares its pass. A target lists the ones it runs, in this order (Target.passes).
 PASSES = {"source": source, "prune": prune, "factorize": factorize, "export": export, "quantize": quantize}
-# Which artifacts' bytes may differ between CPU kinds (issue 11's AVX-512 Xeon and AVX2 EPYC). Unpinned, the source's did
-# not and prune's recovery (EfficientNet blocks trained through oneDNN) did; pinned (the default), every stage's did (MKL).
-CPU_DEPENDENT = {"measured": "kernels unpinned: source identical (sha256 06bff00a...), prune differed, on an AVX-512 Xeon and an AVX2 EPYC; "
-                             "on the EPYC every stage was byte-identical pinned and unpinned",
+# Which artifacts' bytes may differ between CPU kinds (issue 11's AVX-512 Xeon and AVX2 EPYC, then an AVX-512 EPYC).
+# Pinned (the default), the AMD machines with and without AVX-512 built every stage alike; the Intel one did not (MKL).
+CPU_DEPENDENT = {"measured": "pinned: every stage byte-identical on an AVX2 AMD EPYC and an AVX-512 AMD EPYC (sha256 06bff00a... to fc06b611...); "
+                             "unpinned, the AVX-512 EPYC's bytes differed from the source stage on (torch's AVX-512 kernels), while the AVX2 "
+                             "EPYC's were identical pinned and unpinned",
                  "stages": ["source", "prune", "factorize", "export", "quantize"],
                  "pinned_kernels": "ATen and oneDNN on their AVX2 paths on every CPU; compared on an Intel AVX-512 Xeon, the pinned bytes still "
-                                   "differ from the AMD EPYC's from the source stage on (MKL follows MKL_ENABLE_INSTRUCTIONS on Intel and not on AMD: "
+                                   "differ from the AMD EPYCs' from the source stage on (MKL follows MKL_ENABLE_INSTRUCTIONS on Intel and not on AMD: "
                                    "the two vendors run different MKL code); ONNX Runtime's own int8 kernels (the cpu form) are not pinned"}
 VERSIONED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxscript", "numpy", "transformers", "torch-pruning", "tensorrt")
 
