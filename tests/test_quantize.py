@@ -264,6 +264,26 @@ def test_fallback_reverts_the_fragile_region_first_and_stops_once_the_gate_holds
     assert row["score"] > 0
 
 
+def test_the_tuning_gate_counts_the_accuracy_budget_from_the_source_model_as_the_eval_gate_does(tmp_path):
+    fp32 = fragile_model(tmp_path / "fragile.onnx")
+    tuning = features(seed=1)
+    compressed = reference_logits(fp32, tuning)  # the stage's input: the candidate below answers exactly like it
+    labels = tuning.labels
+    start = 100.0 * float(np.mean(compressed.argmax(1) == labels))
+    assert start < 99.0
+    source = np.full_like(compressed, -1.0)
+    source[np.arange(len(labels)), labels] = 1.0  # a source model right on every tuning sample
+    gate = Gate(max_drop_pts=1.0, min_agreement=0.97)
+    from_input = make_evaluator(tuning, compressed, gate)(fp32.path)
+    from_source = make_evaluator(tuning, compressed, gate, source_logits=source)(fp32.path)
+    assert from_input.passes and from_input.metrics["delta_pts"] == 0.0
+    assert not from_source.passes and from_source.metrics["delta_pts"] == pytest.approx(start - 100.0)
+    assert from_source.metrics["violations"] == [check_gate(gate, parity_row("quantize", compressed, source, compressed, labels))[0].message()]
+    # fidelity is the stage's own either way: vs its input, exactly
+    assert from_input.metrics["agreement"] == from_source.metrics["agreement"] == 1.0
+    assert not np.any(from_source.per_sample_error)
+
+
 def test_unmeetable_gate_spends_the_budget_reports_every_step_and_fails_the_gate(tmp_path):
     fp32 = fragile_model(tmp_path / "fragile.onnx")
     tuning = features(seed=1)

@@ -2,7 +2,10 @@
 
 The tuning set is the calib split, never the eval split: the fallback tunes on
 it, and the eval gate the conductor checks afterwards stays an honest,
-unseen measurement.
+unseen measurement. A candidate is judged as that gate judges it: fidelity
+against the stage's input (the FP32 model it was given) and the accuracy
+budget end to end, from the source model's answers, so what prune and
+factorize already spent on the tuning set is not spent again.
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ def normalized_error(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray
     return np.sum(difference**2, axis=1) / np.maximum(power, 1e-12)
 
 
-def evaluation_of(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, gate: Gate) -> Evaluation:
-    row = parity_row("quantize", logits, reference, reference, labels)
+def evaluation_of(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, gate: Gate,
+                  source: np.ndarray | None = None) -> Evaluation:
+    """reference: the stage input's logits (fidelity, the per-sample error); source: the logits the accuracy
+    budget counts from (the source model's; None: the reference's)."""
+    row = parity_row("quantize", logits, reference if source is None else source, reference, labels)
     violations = check_gate(gate, row)
     errors = normalized_error(logits, reference)
     metrics: dict[str, Any] = {
@@ -48,9 +54,9 @@ def evaluation_of(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray,
         "accuracy": row.accuracy,
         "reference_accuracy": row.accuracy - row.delta_pts / 100.0,
         "delta_pts": row.delta_pts,
-        "agreement": row.vs_reference.agreement,
-        "cosine_min": row.vs_reference.cosine_min,
-        "sqnr_db": row.vs_reference.to_json()["sqnr_db"],
+        "agreement": row.vs_previous.agreement,
+        "cosine_min": row.vs_previous.cosine_min,
+        "sqnr_db": row.vs_previous.to_json()["sqnr_db"],
         "mean_error": float(np.mean(errors)),
         "violations": [v.message() for v in violations],
     }
@@ -75,11 +81,13 @@ class TuningEvaluator:
     """
 
     def __init__(self, tuning: Encoded, reference_logits: np.ndarray, gate: Gate, threads: int = 2,
-                 session_config: Mapping[str, str] | None = None):
-        if len(tuning) != len(reference_logits):
-            raise ValueError(f"{len(tuning)} tuning samples but {len(reference_logits)} reference rows")
+                 session_config: Mapping[str, str] | None = None, source_logits: np.ndarray | None = None):
+        for name, rows in (("reference", reference_logits), ("source", source_logits)):
+            if rows is not None and len(tuning) != len(rows):
+                raise ValueError(f"{len(tuning)} tuning samples but {len(rows)} {name} rows")
         self.tuning = tuning
         self.reference = np.asarray(reference_logits, dtype=np.float32)
+        self.source = None if source_logits is None else np.asarray(source_logits, dtype=np.float32)
         self.gate = gate
         self.threads = threads
         self.session_config = dict(session_config or {})
@@ -88,17 +96,21 @@ class TuningEvaluator:
         return ort_logits(Path(path), self.tuning, self.threads, self.session_config)
 
     def __call__(self, path: Path) -> Evaluation:
-        return evaluation_of(self.logits(path), self.reference, self.tuning.labels, self.gate)
+        return evaluation_of(self.logits(path), self.reference, self.tuning.labels, self.gate, self.source)
 
     def subset(self, indices: Sequence[int]) -> "TuningEvaluator":
         index = np.asarray(indices, dtype=np.int64)
         return TuningEvaluator(self.tuning.subset(index), self.reference[index], self.gate, self.threads,
-                               self.session_config)
+                               self.session_config, None if self.source is None else self.source[index])
 
     def with_session_config(self, session_config: Mapping[str, str]) -> "TuningEvaluator":
-        return TuningEvaluator(self.tuning, self.reference, self.gate, self.threads, session_config)
+        return TuningEvaluator(self.tuning, self.reference, self.gate, self.threads, session_config, self.source)
 
 
-def make_evaluator(tuning: Encoded, reference_logits: np.ndarray, gate: Gate, threads: int = 2) -> Evaluator:
-    """The conductor's evaluator: an ONNX file -> its Evaluation on the tuning set."""
-    return TuningEvaluator(tuning, reference_logits, gate, threads)
+def make_evaluator(tuning: Encoded, reference_logits: np.ndarray, gate: Gate, threads: int = 2,
+                   source_logits: np.ndarray | None = None) -> Evaluator:
+    """The conductor's evaluator: an ONNX file -> its Evaluation on the tuning set.
+
+    reference_logits: the stage input's answers on the tuning set; source_logits: the source model's, where the
+    accuracy budget is end to end and the input is a compressed model (None: the budget counts from the input)."""
+    return TuningEvaluator(tuning, reference_logits, gate, threads, source_logits=source_logits)

@@ -136,17 +136,18 @@ def _pick(build: Builder, floats: frozenset[str], shortlist: list[str], ranking:
 
 def accuracy_aware_fallback(build: Builder, reference_model: Path, regions: Sequence[Region], evaluator: Evaluator,
                             max_steps: int, probe_data: Encoded,
-                            session_config: Mapping[str, str] | None = None) -> FallbackResult:
+                            session_config: Mapping[str, str] | None = None, measured: Evaluation | None = None) -> FallbackResult:
     """Return regions to float one at a time until evaluator passes or max_steps are spent.
 
     probe_data: inputs for the proxy ranking when the evaluator cannot run a subset of its tuning set.
     session_config: how ONNX Runtime runs the INT8 candidates (see qdq.Form.ort_session_config).
+    measured: the evaluator's figures for the all-INT8 model, where the caller has them already.
     """
     started = time.monotonic()
     by_name = {region.name: region for region in regions}
     floats: frozenset[str] = frozenset()
     current = build(floats)
-    initial = evaluation = evaluator(current)
+    initial = evaluation = measured if measured is not None else evaluator(current)
     steps: list[FallbackStep] = []
     rejected: set[str] = set()
     stop_reason = "gate holds without fallback" if evaluation.passes else "step budget spent"

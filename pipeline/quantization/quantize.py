@@ -38,7 +38,7 @@ from pipeline.targets import Quantize
 __all__ = ["quantize", "quantize_settings", "Evaluation", "Evaluator", "make_evaluator", "CALIBRATION_BATCH"]
 
 # Bump when the algorithm changes what it writes: part of the cache key.
-ALGORITHM = "edgepipe-int8/6"  # 5: nodes written topologically sorted; 6: INT8 convolutions' biases corrected
+ALGORITHM = "edgepipe-int8/7"  # 5: nodes written topologically sorted; 6: INT8 convolutions' biases corrected; 7: the tuning gate counts the accuracy budget from the source model
 OUTPUT_NAME = "model.int8.onnx"
 
 
@@ -92,8 +92,9 @@ class _CandidateBuilder:
 
 
 def _with_or_without_correction(corrected: _CandidateBuilder, plain: _CandidateBuilder, evaluator: Evaluator
-                                ) -> tuple[_CandidateBuilder, dict[str, Any]]:
-    """The builder whose all-INT8 model answers more like the reference on the tuning set (agreement, then mean error).
+                                ) -> tuple[_CandidateBuilder, Evaluation, dict[str, Any]]:
+    """The builder whose all-INT8 model answers more like the reference on the tuning set (agreement, then mean error),
+    with that model's evaluation.
 
     Bias correction removes the mean its rounded weights add to each convolution's output, measured with the FP32
     model's inputs; on the default model it lifts agreement (BENCHMARKS.md), but on a small CNN (fused-tiny, 32 px) it
@@ -101,7 +102,8 @@ def _with_or_without_correction(corrected: _CandidateBuilder, plain: _CandidateB
     with_it, without = evaluator(corrected(frozenset())), evaluator(plain(frozenset()))
     rank = lambda e: (e.metrics["agreement"], -e.metrics["mean_error"])
     kept = rank(with_it) >= rank(without)
-    return (corrected if kept else plain), {"kept": kept, "corrected": summary(with_it), "uncorrected": summary(without)}
+    return (corrected if kept else plain), (with_it if kept else without), \
+        {"kept": kept, "corrected": summary(with_it), "uncorrected": summary(without)}
 
 
 def _range_counts(ranges: dict[str, TensorRange]) -> dict[str, int]:
@@ -137,17 +139,17 @@ def quantize(fp32: Artifact, calibration: Encoded, settings: Quantize, workdir: 
     result: FallbackResult | None = None
     if isinstance(evaluator, TuningEvaluator):  # measure the candidates as the deploy runtime computes them
         evaluator = evaluator.with_session_config(form.ort_session_config)
-    choice = None
+    choice, measured = None, None
     if conv_means is not None and evaluator is not None:
         plain = _CandidateBuilder(prepared, regions, ranges, form, settings.method, scratch / "uncorrected", weights)
-        build, choice = _with_or_without_correction(build, plain, evaluator)
+        build, measured, choice = _with_or_without_correction(build, plain, evaluator)
         conv_means = conv_means if choice["kept"] else None
     if evaluator is None:
         chosen = build(frozenset())
     else:
         result = accuracy_aware_fallback(build, prepared, regions, evaluator, settings.max_fallback_steps,
                                          probe_data=calibration.subset(range(min(len(calibration), 32))),
-                                         session_config=form.ort_session_config)
+                                         session_config=form.ort_session_config, measured=measured)
         chosen = result.path
     output = workdir / OUTPUT_NAME
     shutil.copyfile(chosen, output)

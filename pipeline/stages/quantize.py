@@ -30,6 +30,7 @@ class QuantizeConfig:
     tuning_data: str  # content fingerprint of the split the fallback tunes on
     tuning_gate: Gate
     tuning_reference: str  # sha256 of the torch model (the ONNX source, for --onnx) whose calib answers the fallback tunes towards
+    tuning_source: str  # sha256 of the source model, whose calib accuracy the tuning gate's budget counts from
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,10 @@ class FloatWeightQuantizeConfig(QuantizeConfig):
     weights: WeightForm
 
 
-def quantize_config(ctx: Context, gate: Gate, torch_model: Artifact) -> QuantizeConfig:
+def quantize_config(ctx: Context, gate: Gate, torch_model: Artifact, source: Artifact) -> QuantizeConfig:
     target, calibration = ctx.target, ctx.calibration
     fields = (target.quantize, ALGORITHM, (calibration.name, calibration.sha256), ctx.splits.fingerprint(TUNING_SPLIT), gate,
-              torch_model.sha256)
+              torch_model.sha256, source.sha256)
     weights = weight_form_for(target)  # from the lint's fact (pipeline.lint.takes_prequantized_weights)
     return QuantizeConfig(*fields) if weights is None else FloatWeightQuantizeConfig(*fields, weights)
 
@@ -64,18 +65,21 @@ def tuning_reference(ctx: Context, done: Mapping[str, Artifact]) -> tuple[Artifa
 
 
 def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:
-    fp32 = done["export"]
+    fp32, source = done["export"], done["source"]
     reference_model, how = tuning_reference(ctx, done)
     target, calibration = ctx.target, ctx.calibration
     gate = tuning_gate(target.gates.quantize)
-    config = quantize_config(ctx, gate, reference_model)
+    config = quantize_config(ctx, gate, reference_model, source)
     weights = config.weights if isinstance(config, FloatWeightQuantizeConfig) else None
     static_batch = fp32.meta.get("static_batch")  # an ONNX source's static batch (1): every run of the graph takes that size
 
     def run(workdir):
         samples = in_batches_of(ctx.splits.get(calibration.split).select_ids(calibration.ids), static_batch)
         reference = ctx.logits(reference_model, TUNING_SPLIT, how)
-        evaluator = make_evaluator(in_batches_of(ctx.splits.get(TUNING_SPLIT), static_batch), reference, gate)
+        # the eval gate's budget is end to end: on calib too, the drop counts from the source, not from the compressed input
+        source_logits = None if source.sha256 == reference_model.sha256 else ctx.logits(source, TUNING_SPLIT, how)
+        evaluator = make_evaluator(in_batches_of(ctx.splits.get(TUNING_SPLIT), static_batch), reference, gate,
+                                   source_logits=source_logits)
         return quantize(fp32, samples, target.quantize, workdir, evaluator=evaluator, weights=weights)
 
     return Pass("quantize", config, fp32.sha256, run, Measure("onnxruntime"), code=__name__, gate="quantize")
