@@ -210,14 +210,14 @@ def quantize_ctx(target) -> SimpleNamespace:
 
 
 def test_only_tensorrt_8_targets_get_a_new_quantize_config_field():
-    torch_model = Artifact("torch", Path("model.pt"), "t" * 64, {})
+    torch_model, source = Artifact("torch", Path("model.pt"), "t" * 64, {}), Artifact("torch", Path("source.pt"), "s" * 64, {})
     gate = Gate(min_agreement=0.97)
     for name, target in available_targets().items():
         ctx = quantize_ctx(target)
-        config = quantize_stage.quantize_config(ctx, gate, torch_model)
+        config = quantize_stage.quantize_config(ctx, gate, torch_model, source)
         # what the pass declared before weight forms existed
         before = quantize_stage.QuantizeConfig(target.quantize, quantize_stage.ALGORITHM, ("calib-set", "c" * 64),
-                                               "fingerprint-of-calib", gate, "t" * 64)
+                                               "fingerprint-of-calib", gate, "t" * 64, "s" * 64)
         settings, old = dataclasses.asdict(config), dataclasses.asdict(before)
         if name == XAVIER:
             assert type(config) is quantize_stage.FloatWeightQuantizeConfig and settings == {**old, "weights": FLOAT_QDQ}

@@ -38,7 +38,9 @@ from pipeline.targets import Quantize
 __all__ = ["quantize", "quantize_settings", "Evaluation", "Evaluator", "make_evaluator", "CALIBRATION_BATCH"]
 
 # Bump when the algorithm changes what it writes: part of the cache key.
-ALGORITHM = "edgepipe-int8/7"  # 5: nodes written topologically sorted; 6: INT8 convolutions' biases corrected; 7: the tuning gate counts the accuracy budget from the source model
+# 5: nodes written topologically sorted; 6: INT8 convolutions' biases corrected;
+# 7: the tuning gate counts the accuracy budget from the source model
+ALGORITHM = "edgepipe-int8/7"
 OUTPUT_NAME = "model.int8.onnx"
 
 
