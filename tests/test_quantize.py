@@ -17,7 +17,8 @@ from pipeline.artifacts import Artifact
 from pipeline.data.encode import Encoded
 from pipeline.parity import Gate, check_gate, parity_row
 from pipeline.quantization.calibrate import TensorRange, calibrate, entropy_threshold, percentile_threshold
-from pipeline.quantization.evaluate import ort_logits
+from pipeline.quantization.evaluate import Evaluation, ort_logits
+from pipeline.quantization.fallback import SPENT_UPSTREAM, accuracy_aware_fallback
 from pipeline.runners import OrtRunner, run_batches
 from pipeline.quantization.quantize import make_evaluator, quantize, quantize_settings
 from pipeline.store import sha256_file
@@ -277,11 +278,25 @@ def test_the_tuning_gate_counts_the_accuracy_budget_from_the_source_model_as_the
     from_input = make_evaluator(tuning, compressed, gate)(fp32.path)
     from_source = make_evaluator(tuning, compressed, gate, source_logits=source)(fp32.path)
     assert from_input.passes and from_input.metrics["delta_pts"] == 0.0
+    assert from_source.metrics["input_accuracy"] == pytest.approx(start / 100.0) and from_source.metrics["fidelity_passes"]
     assert not from_source.passes and from_source.metrics["delta_pts"] == pytest.approx(start - 100.0)
     assert from_source.metrics["violations"] == [check_gate(gate, parity_row("quantize", compressed, source, compressed, labels))[0].message()]
     # fidelity is the stage's own either way: vs its input, exactly
     assert from_input.metrics["agreement"] == from_source.metrics["agreement"] == 1.0
     assert not np.any(from_source.per_sample_error)
+
+
+@pytest.mark.parametrize("accuracy, fidelity_passes, stop", [
+    (0.90, True, SPENT_UPSTREAM),  # as accurate as its input, and faithful to it: float regions cannot win the budget back
+    (0.88, True, "every region tried"),  # INT8 itself lost accuracy: the fallback tries
+    (0.90, False, "every region tried"),  # the stage's own fidelity fails: the fallback tries
+])
+def test_the_fallback_takes_no_step_for_a_budget_spent_before_quantization(tmp_path, accuracy, fidelity_passes, stop):
+    failing = Evaluation(passes=False, per_sample_error=np.zeros(SAMPLES), metrics={
+        "accuracy": accuracy, "input_accuracy": 0.90, "fidelity_passes": fidelity_passes, "agreement": 0.99})
+    result = accuracy_aware_fallback(lambda floats: tmp_path / "all-int8.onnx", tmp_path / "fp32.onnx", [],
+                                     lambda path: pytest.fail("nothing to evaluate"), 8, features(), measured=failing)
+    assert result.stop_reason == stop and result.steps == () and result.float_regions == ()
 
 
 def test_unmeetable_gate_spends_the_budget_reports_every_step_and_fails_the_gate(tmp_path):

@@ -10,14 +10,14 @@ factorize already spent on the tuning set is not spent again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from pipeline.data.encode import Encoded
-from pipeline.parity import Gate, check_gate, parity_row
+from pipeline.parity import Gate, accuracy, check_gate, parity_row
 from pipeline.runners import ort_session
 
 EVAL_BATCH = 16
@@ -53,12 +53,15 @@ def evaluation_of(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray,
         "samples": int(len(labels)),
         "accuracy": row.accuracy,
         "reference_accuracy": row.accuracy - row.delta_pts / 100.0,
+        "input_accuracy": accuracy(reference, labels),
         "delta_pts": row.delta_pts,
         "agreement": row.vs_previous.agreement,
         "cosine_min": row.vs_previous.cosine_min,
         "sqnr_db": row.vs_previous.to_json()["sqnr_db"],
         "mean_error": float(np.mean(errors)),
         "violations": [v.message() for v in violations],
+        # the gate without its accuracy budget: the stage's own fidelity to its input
+        "fidelity_passes": not check_gate(replace(gate, max_drop_pts=None), row),
     }
     return Evaluation(passes=not violations, per_sample_error=errors, metrics=metrics)
 

@@ -72,6 +72,17 @@ def summary(evaluation: Evaluation) -> dict[str, Any]:
     return {key: evaluation.metrics[key] for key in keys if key in evaluation.metrics} | {"passes": evaluation.passes}
 
 
+SPENT_UPSTREAM = "the accuracy budget was spent before this stage: the INT8 model is as accurate on the tuning set as its input"
+
+
+def _spent_upstream(evaluation: Evaluation) -> bool:
+    """The gate fails on its accuracy budget alone, and the INT8 model is no less accurate than its input:
+    prune and factorize spent the budget, and returning regions to float, towards that input, cannot win it back."""
+    metrics = evaluation.metrics
+    return (not evaluation.passes and bool(metrics.get("fidelity_passes"))
+            and metrics.get("accuracy", 0.0) >= metrics.get("input_accuracy", 1.0))
+
+
 def _standing(evaluation: Evaluation) -> tuple[float, float]:
     """How close a candidate is to the gate: top-1 agreement first, then (lower) mean logit error."""
     agreement = evaluation.metrics.get("agreement", 0.0)
@@ -150,8 +161,8 @@ def accuracy_aware_fallback(build: Builder, reference_model: Path, regions: Sequ
     initial = evaluation = measured if measured is not None else evaluator(current)
     steps: list[FallbackStep] = []
     rejected: set[str] = set()
-    stop_reason = "gate holds without fallback" if evaluation.passes else "step budget spent"
-    while not evaluation.passes and len(steps) < max_steps:
+    stop_reason = "gate holds without fallback" if evaluation.passes else SPENT_UPSTREAM if _spent_upstream(evaluation) else "step budget spent"
+    while not evaluation.passes and not _spent_upstream(evaluation) and len(steps) < max_steps:
         candidates = [r for r in regions if r.name not in floats and r.name not in rejected]
         if not candidates:
             stop_reason = "every region tried"
@@ -175,5 +186,7 @@ def accuracy_aware_fallback(build: Builder, reference_model: Path, regions: Sequ
             rejected.add(name)
         if evaluation.passes:
             stop_reason = "gate holds"
+        elif _spent_upstream(evaluation):
+            stop_reason = SPENT_UPSTREAM
     return FallbackResult(path=current, float_regions=tuple(r.name for r in regions if r.name in floats),
                           steps=tuple(steps), initial=initial, final=evaluation, stop_reason=stop_reason)
