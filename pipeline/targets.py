@@ -142,6 +142,8 @@ class Compression:
     recovery_patience: int = 3
     # Mixed image/text pairs (two train samples' halves) per train pair in each batch, distilled on the teacher's answers alone.
     recovery_mixed: float = 1.0
+    # Weight of the hidden-state term: every trained block's output matched to the teacher's (pipeline/feature_distillation.py).
+    recovery_features: float = 0.0
     recovery_seed: int | None = None  # None: the build's --seed
     # The factorize stage's own budget (None: recovery_epochs): a factorized embedding starts close to its teacher.
     factorize_epochs: int | None = None
@@ -308,6 +310,8 @@ def _check_consistency(target: Target, where: str) -> None:
         raise InputError(f"{where}: compression.factorize_epochs = {comp.factorize_epochs} must be >= 0")
     if comp.recovery_patience < 1:
         raise InputError(f"{where}: compression.recovery_patience = {comp.recovery_patience} must be >= 1")
+    if not 0.0 <= comp.recovery_features <= 100.0:
+        raise InputError(f"{where}: compression.recovery_features = {comp.recovery_features} must be in [0, 100] (weight of the hidden-state term)")
     if not 0.0 <= comp.recovery_mixed <= 4.0:
         raise InputError(f"{where}: compression.recovery_mixed = {comp.recovery_mixed} must be in [0, 4] (mixed pairs per train pair)")
 

@@ -67,6 +67,7 @@ from pipeline.distributed import World
 from pipeline.progress import ProgressStyle, progress_style, track
 
 from pipeline.data.encode import Encoded
+from pipeline.feature_distillation import TeacherStates, recording, stream_points
 from pipeline.settings import TrainSettings
 
 
@@ -566,6 +567,7 @@ class DistillReport:
     best: Fidelity
     history: tuple[tuple[float, Fidelity], ...]  # (train loss, validation fidelity) per epoch
     stopped: str  # "budget" or "plateau"
+    feature_points: tuple[str, ...] = ()  # the hidden states matched to the teacher's (feature distillation)
 
 
 class _TeacherAnswers:
@@ -576,13 +578,21 @@ class _TeacherAnswers:
     without a split is run whole on each mixed pair.
     """
 
-    def __init__(self, teacher: nn.Module, features: _Features, batch_size: int):
+    def __init__(self, teacher: nn.Module, features: _Features, batch_size: int, record_states: bool = False):
         self.teacher, self.features = teacher, features
+        self.states: TeacherStates | None = None  # its hidden states at every point of its suffixes (feature distillation)
         with torch.inference_mode():
             if features.split:
                 starts = track(range(0, len(features), batch_size), desc="teacher: encoding train", unit="batch", leave=False,
                                samples_per_step=batch_size)  # a minute of a cold build on 2 cores: a CI log hears from it
-                parts = [self._encoded(torch.arange(s, min(s + batch_size, len(features)))) for s in starts]
+                states: list[dict[str, torch.Tensor]] = []
+                with recording(stream_points(teacher) if record_states else {}) as recorded:
+                    parts = []
+                    for s in starts:
+                        parts.append(self._encoded(torch.arange(s, min(s + batch_size, len(features)))))
+                        states.append(dict(recorded))
+                if record_states:
+                    self.states = TeacherStates.collect(states, features.mask)
                 self.image, self.text = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
                 # the head on those encodings, batch by batch as _logits_in_order runs it: the same numbers,
                 # without running the teacher's encoder tails over train a second time (19 s of a cold build)
@@ -613,9 +623,30 @@ def _mixed_pairs(size: int, share: float, generator: torch.Generator) -> list[tu
     return pairs
 
 
+@dataclass(frozen=True)
+class _FeatureMatch:
+    """Which of the student's hidden states are matched to the teacher's, and how much that term weighs."""
+
+    weight: float
+    points: dict[str, nn.Module]  # the student's modules, by the name they share with the teacher's
+
+
+def _feature_match(model: nn.Module, features: _Features, teacher: _TeacherAnswers, weight: float) -> _FeatureMatch | None:
+    """The student's points whose outputs have the teacher's shape, found by running its suffixes on two samples."""
+    if weight <= 0 or teacher.states is None or not features.split:
+        return None
+    points = stream_points(model)
+    index = torch.arange(min(2, len(features)))
+    with torch.inference_mode(), recording(points) as recorded:
+        model.image_encoder.suffix(features.image[index])
+        model.text_encoder.suffix(features.text[index], features.mask[index])
+    matched = teacher.states.matched(recorded)
+    return _FeatureMatch(weight, {name: points[name] for name in matched}) if matched else None
+
+
 def _student_loss(model: nn.Module, features: _Features, index: torch.Tensor, teacher: _TeacherAnswers, settings: TrainSettings,
-                  mixed_share: float, generator: torch.Generator) -> torch.Tensor:
-    """Distillation loss on the batch's own pairs plus its mixed pairs (teacher's answers only).
+                  mixed_share: float, generator: torch.Generator, match: _FeatureMatch | None = None) -> torch.Tensor:
+    """Distillation loss on the batch's own pairs plus its mixed pairs (teacher's answers only), plus the feature term when asked.
 
     A split student encodes each image and text of the batch once; its mixed
     pairs reuse those encodings and cost one run of its head each.
@@ -623,9 +654,12 @@ def _student_loss(model: nn.Module, features: _Features, index: torch.Tensor, te
     labels, own_target = features.labels[index], teacher.own[index]
     pairs = _mixed_pairs(len(index), mixed_share, generator)
     if features.split:
-        image = model.image_encoder.suffix(features.image[index])
-        text = model.text_encoder.suffix(features.text[index], features.mask[index])
+        with recording(match.points if match else {}) as states:
+            image = model.image_encoder.suffix(features.image[index])
+            text = model.text_encoder.suffix(features.text[index], features.mask[index])
         loss = _loss(model.head(image, text), labels, own_target, settings)
+        if match is not None:
+            loss = loss + match.weight * teacher.states.loss(states, index, tuple(match.points), features.mask[index])
         mixed = [(model.head(image[i], text[t]), teacher.mixed(index[i], index[t])) for i, t in pairs]
     else:
         loss = _loss(features.logits(model, index), labels, own_target, settings)
@@ -645,6 +679,7 @@ def distill(
     mixed_share: float = 0.0,
     desc: str = "distill",
     prefix_cache: PrefixCache | None = None,
+    feature_weight: float = 0.0,
 ) -> tuple[nn.Module, DistillReport]:
     """Train model (in place) to answer like teacher; return the checkpoint closest to the teacher on val_data.
 
@@ -666,11 +701,12 @@ def distill(
     """
     world = distributed.init_from_env()
     with _shown_here(world):
-        return _distill(world, model, teacher, train_data, val_data, settings, patience, mixed_share, desc, prefix_cache)
+        return _distill(world, model, teacher, train_data, val_data, settings, patience, mixed_share, desc, prefix_cache, feature_weight)
 
 
 def _distill(world: World, model: nn.Module, teacher: nn.Module, train_data: Encoded, val_data: Encoded, settings: TrainSettings,
-             patience: int, mixed_share: float, desc: str, prefix_cache: PrefixCache | None) -> tuple[nn.Module, DistillReport]:
+             patience: int, mixed_share: float, desc: str, prefix_cache: PrefixCache | None,
+             feature_weight: float) -> tuple[nn.Module, DistillReport]:
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     for network in (model, teacher):
@@ -681,7 +717,7 @@ def _distill(world: World, model: nn.Module, teacher: nn.Module, train_data: Enc
     student_val = _Features(model, val_data, settings.batch_size, f"{desc}: encoding val", prefix_cache)
     def teacher_answers() -> _TeacherAnswers:
         features = _Features(teacher, train_data, settings.batch_size, f"{desc}: encoding train (teacher)", prefix_cache)
-        return _TeacherAnswers(teacher, features, settings.batch_size)
+        return _TeacherAnswers(teacher, features, settings.batch_size, record_states=feature_weight > 0)
 
     def teacher_logits() -> torch.Tensor:
         features = _Features(teacher, val_data, settings.batch_size, f"{desc}: encoding val (teacher)", prefix_cache)
@@ -690,10 +726,12 @@ def _distill(world: World, model: nn.Module, teacher: nn.Module, train_data: Enc
     if prefix_cache is None:
         answers, teacher_val = teacher_answers(), teacher_logits()
     else:
-        answers = prefix_cache.teacher(teacher, train_data, settings.batch_size, "answers", teacher_answers)
+        answers = prefix_cache.teacher(teacher, train_data, settings.batch_size, "answers+states" if feature_weight > 0 else "answers",
+                                       teacher_answers)
         teacher_val = prefix_cache.teacher(teacher, val_data, settings.batch_size, "logits", teacher_logits)
     if answers.features.split != student_train.split:
         raise ValueError("distill needs a teacher and a student that both split into prefix and suffix, or neither")
+    match = _feature_match(model, student_train, answers, feature_weight)
     plan = _epochs_plan(world, len(student_train), settings, generator)
     optimizer, schedule = _optimizer(model, plan.steps_per_epoch, settings)
 
@@ -701,7 +739,7 @@ def _distill(world: World, model: nn.Module, teacher: nn.Module, train_data: Enc
         return plan.agreed(fidelity(_logits_in_order(model, student_val, settings.batch_size), teacher_val, student_val.labels))
 
     def batch_loss(index: torch.Tensor) -> torch.Tensor:
-        return _student_loss(model, student_train, index, answers, settings, mixed_share, plan.mixed_generator)
+        return _student_loss(model, student_train, index, answers, settings, mixed_share, plan.mixed_generator, match)
 
     step_loss = plan.parallel(model, batch_loss)
     best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
@@ -724,4 +762,4 @@ def _distill(world: World, model: nn.Module, teacher: nn.Module, train_data: Enc
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    return model, DistillReport(len(history), best_epoch, initial, best, tuple(history), stopped)
+    return model, DistillReport(len(history), best_epoch, initial, best, tuple(history), stopped, tuple(match.points) if match else ())

@@ -32,6 +32,7 @@ class Recovery:
     patience: int = 3  # epochs without a better validation KL before stopping
     mixed_share: float = 1.0  # mixed image/text pairs per train pair in each batch
     prefix_cache: PrefixCache | None = None  # the build's, shared by its recoveries (outputs unchanged, time saved)
+    feature_weight: float = 0.0  # weight of the hidden-state term (pipeline.feature_distillation); 0: logits alone
 
 
 def _split_like(teacher: nn.Module, student: nn.Module) -> None:
@@ -47,7 +48,7 @@ def recover(model: nn.Module, recovery: Recovery, desc: str) -> tuple[nn.Module,
     start = time.perf_counter()
     _split_like(recovery.teacher, model)
     model, report = distill(model, recovery.teacher, recovery.train, recovery.val, recovery.settings, recovery.patience,
-                            recovery.mixed_share, desc=desc, prefix_cache=recovery.prefix_cache)
+                            recovery.mixed_share, desc=desc, prefix_cache=recovery.prefix_cache, feature_weight=recovery.feature_weight)
     return model, {
         "selected_by": "lowest calib KL to the teacher",
         "val_before": report.initial.to_json(), "val_best": report.best.to_json(),
@@ -55,6 +56,7 @@ def recover(model: nn.Module, recovery: Recovery, desc: str) -> tuple[nn.Module,
         "stopped": report.stopped, "patience": recovery.patience, "mixed_share": recovery.mixed_share,
         "seed": recovery.settings.seed, "distill_weight": recovery.settings.distill_weight,
         "temperature": recovery.settings.distill_temperature,
+        "feature_weight": recovery.feature_weight, "feature_points": list(report.feature_points),
         "history": [[round(loss, 6), *f.to_json().values()] for loss, f in report.history],
         "history_columns": ["train loss", "calib KL", "calib agreement", "calib accuracy"],
         "wall_s": round(time.perf_counter() - start, 2),

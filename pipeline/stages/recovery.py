@@ -17,6 +17,7 @@ class RecoveryConfig:
     train: TrainSettings  # epochs: the budget; encoder_lr: the stage's rate; seed: the recovery seed
     patience: int
     mixed: float
+    features: float  # weight of the hidden-state term
     teacher: str  # sha256 of the source model
     data: tuple[tuple[str, str], ...]  # (split, content fingerprint) of train and calib
     selection: str = "calib KL to the teacher"
@@ -31,14 +32,14 @@ def recovery_seed(ctx: Context) -> int:
 def recovery_config(ctx: Context, teacher: Artifact, epochs: int, lr: float) -> RecoveryConfig:
     compression = ctx.target.compression
     settings = dataclasses.replace(ctx.train, epochs=epochs, encoder_lr=lr, seed=recovery_seed(ctx))
-    return RecoveryConfig(settings, compression.recovery_patience, compression.recovery_mixed, teacher.sha256,
+    return RecoveryConfig(settings, compression.recovery_patience, compression.recovery_mixed, compression.recovery_features, teacher.sha256,
                           tuple((split, ctx.splits.fingerprint(split)) for split in ("train", "calib")))
 
 
 def recovery(ctx: Context, teacher: Artifact, config: RecoveryConfig) -> Recovery:
     """Distillation from the source model on the train split, checkpoints chosen by fidelity on calib."""
     return Recovery(ctx.splits.get("train"), ctx.splits.get("calib"), load_torch_artifact(teacher.path), config.train,
-                    config.patience, config.mixed, ctx.prefix_cache)
+                    config.patience, config.mixed, ctx.prefix_cache, config.features)
 
 
 ONNX_SOURCE = "the source is an ONNX file: the torch stages (prune, factorize, export from torch) do not apply"
