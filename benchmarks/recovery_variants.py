@@ -1,0 +1,103 @@
+"""How close does the pruned model come to its source under each pruning and recovery variant? The prune stage alone, side by side.
+
+    python benchmarks/recovery_variants.py --warm out/jetson-orin-nano --out /tmp/edgepipe-variants
+
+Each variant is the jetson target with some compression keys changed (a
+target file written next to the runs) and builds from a copy of WARM, whose
+source model is cached, so only the prune stage runs (sensitivity, pruning,
+recovery): the copy's target also carries a prune gate no model can pass
+(`max_drop_pts = -100`), which ends the build right after the prune stage has
+been measured on eval, before factorize, export and quantize. Prints one row
+per variant: MACs, the recovery's calib KL to the source (what it selects
+its checkpoint by), and on the 474 eval samples the SQNR of the logits vs the
+source's, the top-1 agreement, fixed/broken and the accuracy change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+VARIANTS = {
+    "image 0.6, text 0.75, fusion 0.5, logits only (the defaults before 4ca5971)":
+        {"prune_image": 0.6, "prune_fusion": 0.5, "allocate": False, "recovery_features": 0.0},
+    "fusion whole": {"prune_image": 0.6, "prune_fusion": 0.0, "allocate": False, "recovery_features": 0.0},
+    "allocate": {"prune_image": 0.6, "prune_fusion": 0.5, "allocate": True, "recovery_features": 0.0},
+    "2 mixed pairs per train pair": {"prune_image": 0.6, "prune_fusion": 0.5, "allocate": False, "recovery_features": 0.0, "recovery_mixed": 2.0},
+    "hidden states matched (recovery_features 1.0)": {"prune_image": 0.6, "prune_fusion": 0.5, "allocate": False, "recovery_features": 1.0},
+    "allocate + fusion whole": {"prune_image": 0.6, "prune_fusion": 0.0, "allocate": True, "recovery_features": 0.0},
+    "allocate + fusion whole + hidden states": {"prune_image": 0.6, "prune_fusion": 0.0, "allocate": True, "recovery_features": 1.0},
+    "allocate + fusion whole, image 0.5": {"prune_image": 0.5, "prune_fusion": 0.0, "allocate": True, "recovery_features": 0.0},
+    "allocate + fusion whole, image 0.5, hidden states (the defaults now)":
+        {"prune_image": 0.5, "prune_fusion": 0.0, "allocate": True, "recovery_features": 1.0},
+}
+
+
+def toml_value(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def write_target(directory: Path, index: int, changes: dict) -> Path:
+    text = (resources.files("pipeline.resources") / "targets" / "jetson-orin-nano.toml").read_text()
+    lines, section = [], None
+    for line in text.splitlines():
+        stripped = line.split("#")[0].strip()
+        if stripped.startswith("["):
+            section = stripped
+        key = stripped.split("=")[0].strip() if "=" in stripped else None
+        if section == "[compression]" and key in changes:
+            continue  # written again below, changed
+        lines.append(line)
+        if stripped == "[compression]":
+            lines += [f"{k} = {toml_value(v)}" for k, v in changes.items()]
+    lines = [line.replace('name = "jetson-orin-nano"', f'name = "variant-{index}"') if line.startswith("name =") else line for line in lines]
+    lines = [line for line in lines if not line.startswith("aliases")]
+    lines += ["", "[gates.prune]", "max_drop_pts = -100.0  # no model passes: the build ends once the prune stage is measured"]
+    path = directory / f"variant-{index}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def row(label: str, manifest: dict) -> str:
+    source, prune = manifest["stages"][0], next(s for s in manifest["stages"] if s["name"] == "prune")
+    parity, recovery = prune["parity"], prune["facts"]["recovery"]
+    macs, reference = prune["footprint"]["macs"]["total"], source["footprint"]["macs"]["total"]
+    return (f"| {label} | {macs / 1e6:.0f} M ({100 * macs / reference:.1f}%) | {recovery['val_best']['kl']:.4f} | "
+            f"{parity['vs_reference']['sqnr_db']:.2f} | {parity['vs_reference']['agreement']:.4f} | "
+            f"{parity['paired']['fixed']}/{parity['paired']['broken']} | {parity['delta_pts']:+.2f} | {recovery['wall_s']:.0f} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--warm", type=Path, required=True, help="a jetson build directory whose source stage is cached")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/edgepipe-variants"), help="scratch directory (wiped first)")
+    parser.add_argument("--only", nargs="*", type=int, default=None, help="the variants to run, by their place in the table (0-based)")
+    args = parser.parse_args()
+    shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True)
+    lines = ["| variant | MACs | calib KL (the checkpoint's) | eval SQNR dB vs source | eval agreement | fixed/broken | Δpts | recovery s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for index, (label, changes) in enumerate(VARIANTS.items()):
+        if args.only is not None and index not in args.only:
+            continue
+        out = args.out / f"variant-{index}"
+        for part in ("stages", "outputs"):
+            shutil.copytree(args.warm / part, out / part, dirs_exist_ok=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pipeline", "build", "--target", str(write_target(args.out, index, changes)), "--out", str(out),
+                        "--quiet"], capture_output=True, text=True)
+        manifest = json.loads((out / "manifest.json").read_text())
+        lines.append(row(label, manifest))
+        print(f"{label}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
