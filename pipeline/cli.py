@@ -157,9 +157,12 @@ def _build_config(args: argparse.Namespace, target: Any, out: Path, cache: Path 
     from pipeline.targets import Compression, with_overrides
     from pipeline.models import train_defaults
 
+    ratios = {"prune_image": args.prune_image, "prune_text": args.prune_text, "prune_fusion": args.prune_fusion}
+    # a ratio given on the command line is the user's own choice: it holds for their model too, in place of the user budget's cap
+    user_caps = {f"compression.user_budget.{name}": value for name, value in ratios.items()} if target.compression.user_budget else {}
     target = with_overrides(target, **{
         "quantize.method": args.calibration_method, "quantize.calibration": args.calibration,
-        "compression.prune_image": args.prune_image, "compression.prune_text": args.prune_text, "compression.prune_fusion": args.prune_fusion,
+        **{f"compression.{name}": value for name, value in ratios.items()}, **user_caps,
         "compression.factorize_energy": args.factorize_energy, "compression.embedding_energy": args.embedding_energy,
         "compression.recovery_epochs": args.recovery_epochs, "compression.text_depth": args.text_depth,
         "compression.recovery_seed": args.recovery_seed,

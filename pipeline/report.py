@@ -222,8 +222,8 @@ def vocabulary_lines(stages: list[dict[str, Any]]) -> list[str]:
                          "the rest share one)")
         budget = facts.get("budget") or {}
         if "user_budget" in budget:
-            wanted = ", ".join(f"{k} <= {v:g}" for k, v in budget["user_budget"].items() if v is not None)
-            lines.append(f"{stage['name']:>9} budget ({wanted}): the target's ratios x {budget['factor']:g} -> params {budget['params_after']:.2f}, "
+            wanted = ", ".join(f"{k} <= {budget['user_budget'][k]:g}" for k in ("params", "macs") if budget["user_budget"].get(k) is not None)
+            lines.append(f"{stage['name']:>9} budget ({wanted}): the user budget's ratios x {budget['factor']:g} -> params {budget['params_after']:.2f}, "
                          f"MACs {budget['macs_after']:.2f} of the source" + (f"; {budget['out_of_reach']}" if budget.get("out_of_reach") else ""))
     return lines
 

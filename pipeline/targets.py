@@ -107,6 +107,13 @@ class Budget:
 
     params: float | None = None
     macs: float | None = None
+    # What a user's model is pruned under, in place of the compression table's own (chosen on the built-in model:
+    # its fusion left whole, its image ratio spending the MACs the others leave): the caps the fitting scales down
+    # from, and whether sensitivity splits them between units. None: the compression table's value.
+    prune_image: float | None = None
+    prune_text: float | None = None
+    prune_fusion: float | None = None
+    allocate: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -302,6 +309,10 @@ def _check_consistency(target: Target, where: str) -> None:
         share = getattr(comp.user_budget, name) if comp.user_budget is not None else None
         if share is not None and not 0.0 < share <= 1.0:
             raise InputError(f"{where}: compression.user_budget.{name} = {share} must be in (0, 1]: a share of the source model's {name}")
+    for name in ("prune_image", "prune_text", "prune_fusion"):
+        cap = getattr(comp.user_budget, name) if comp.user_budget is not None else None
+        if cap is not None and not 0.0 <= cap < 1.0:
+            raise InputError(f"{where}: compression.user_budget.{name} = {cap} must be in [0, 1): a pruning ratio")
     if not comp.recovery_lr > 0:
         raise InputError(f"{where}: compression.recovery_lr = {comp.recovery_lr} must be > 0")
     if comp.recovery_epochs < 0:

@@ -449,20 +449,22 @@ def test_users_own_model_and_weights_go_through_the_pipeline(tmp_path, emoji_fol
 
 
 def test_a_confidence_gate_fails_a_drop_whose_point_estimate_passes(built, tmp_path):
-    """The same prune stage, from the cache, judged twice: on its point estimate it holds, on its interval it does not."""
+    """One stage, from the cache, judged twice: on its point estimate it holds, on its interval it does not."""
     work, _, result = built
     assert result.returncode == 0, result.stderr[-3000:]
-    prune = next(s for s in json.loads((work / "out" / "manifest.json").read_text())["stages"] if s["name"] == "prune")
-    low = prune["parity"]["paired"]["delta_ci_pts"][0]
-    budget = round((max(-prune["parity"]["delta_pts"], 0.0) + -low) / 2, 3)  # above the point drop, below the interval's bound
-    assert max(-prune["parity"]["delta_pts"], 0.0) < budget < -low
-    target = write_target(tmp_path / "tiny-jetson.toml", gates={"prune": {"max_drop_pts": budget}}, compression=COMPRESSION)
+    stage = next(s for s in json.loads((work / "out" / "manifest.json").read_text())["stages"] if s["name"] == "prune")
+    low = stage["parity"]["paired"]["delta_ci_pts"][0]
+    # above the point drop, below the interval's bound (negative where the stage gained: then the gate asks for a gain)
+    budget = round((-stage["parity"]["delta_pts"] + -low) / 2, 3)
+    assert -stage["parity"]["delta_pts"] < budget < -low
+    others = {name: {"max_drop_pts": 100.0} for name in ("prune", "factorize", "quantize") if name != stage["name"]}
+    target = write_target(tmp_path / "tiny-jetson.toml", gates={stage["name"]: {"max_drop_pts": budget}, **others}, compression=COMPRESSION)
     args = with_target(copied_build(built, tmp_path), target)
     point = run_cli(*args, cwd=tmp_path)
     assert point.returncode == 0, point.stderr[-3000:]
-    assert next(s for s in json.loads(point.stdout)["stages"] if s["name"] == "prune")["cached"]
+    assert next(s for s in json.loads(point.stdout)["stages"] if s["name"] == stage["name"])["cached"]
     confidence = run_cli(*args, "--gate-mode", "confidence", cwd=tmp_path)
     assert confidence.returncode == 3
-    assert "upper 95% bound of the accuracy drop" in confidence.stderr and "'prune'" in confidence.stderr
+    assert "upper 95% bound of the accuracy drop" in confidence.stderr and f"'{stage['name']}'" in confidence.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["stages"][-1]["gate"]["mode"] == "confidence"

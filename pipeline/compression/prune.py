@@ -360,6 +360,15 @@ def fit_macs_budget(model: nn.Module, compression: Compression, example_inputs: 
     return fitted, {"macs_fraction": budget, "factor": round(high, 4), "ratios": branch_ratios(fitted), "macs_after": round(macs_at(high), 4)}
 
 
+def user_caps(compression: Compression) -> Compression:
+    """The compression a user's model is pruned under: the user budget's ratios and allocate where it sets them."""
+    budget = compression.user_budget
+    if budget is None:
+        return compression
+    chosen = {name: getattr(budget, name) for name in ("prune_image", "prune_text", "prune_fusion", "allocate")}
+    return dataclasses.replace(compression, **{name: value for name, value in chosen.items() if value is not None})
+
+
 def fit_user_budget(model: nn.Module, compression: Compression, example_inputs: tuple, budget: Budget, source_params: int,
                     allocate: Callable[[Compression], Mapping[str, float] | None], found: tuple[list[Unit], Discovery | None],
                     most_sensitive_first: Sequence[str] = (), steps: int = 8) -> tuple[Compression, dict[str, float], dict[str, Any]]:

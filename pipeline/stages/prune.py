@@ -21,7 +21,7 @@ from pipeline.artifacts import Artifact
 from pipeline.compression.depth import drop_text_layers, text_layer_list
 from pipeline.compression.measure import count_params
 from pipeline.compression.prune import (branch_ratios, check_ratios, fit_macs_budget, fit_user_budget, model_units, nothing_to_prune,
-                                        probe_tensors, prune, recalibration_inputs, widen_reach)
+                                        probe_tensors, prune, recalibration_inputs, user_caps, widen_reach)
 from pipeline.compression.recalibrate import recalibrate_batchnorms
 from pipeline.compression.recovery import Recovery, recover
 from pipeline.compression.sensitivity import allocate_ratios, prune_sensitivity
@@ -74,9 +74,11 @@ def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, rec
         depth = (drop_text_layers(model, compression.text_depth, inputs, labels) if text_layer_list(model) is not None or built_in_model(source)
                  else {"skipped": f"compression.text_depth = {compression.text_depth} drops layers of the built-in MiniLM stack; this model has none"})
     widen_reach(model, compression)
-    ratios = {branch: r for branch, r in branch_ratios(compression).items() if r > 0}
     found = model_units(model, example_inputs(spec), compression.keep)
     units, discovery = found
+    if discovery is not None:  # a user's model: the ratios of its budget, not the ones chosen on the built-in model
+        compression = user_caps(compression)
+    ratios = {branch: r for branch, r in branch_ratios(compression).items() if r > 0}
     units = [u for u in units if u.trainable and u.branch in ratios]
     if discovery is not None:  # a user's model: the branches it has
         ratios = {branch: r for branch, r in ratios.items() if any(u.branch == branch for u in units)}
