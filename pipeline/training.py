@@ -690,7 +690,10 @@ def distill(
     target: the teacher is right on nearly every train sample, so on the train
     pairs alone its logits say little more than the labels; on pairs it has
     never seen they show how it weighs one modality against the other, which
-    is where a compressed model's answers drift on unseen samples.
+    is where a compressed model's answers drift on unseen samples. With
+    feature_weight > 0 a split student also matches the teacher's hidden
+    states at every point of its suffixes whose shape it kept, weighted so
+    (pipeline.feature_distillation); the points are in the report.
 
     There is no early stop at an accuracy line (a line crossed on a small
     split is crossed by noise): training runs the epoch budget, or ends when

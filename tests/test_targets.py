@@ -150,6 +150,8 @@ def test_file_name_must_match_target_name(tmp_path):
     ("text_depth = 0", r"compression\.text_depth = 0 must be >= 1"),
     ("recovery_lr = 0.0", r"compression\.recovery_lr = 0\.0 must be > 0"),
     ('importance = "random"', r"compression\.importance"),
+    ("recovery_features = -1.0", r"compression\.recovery_features = -1\.0 must be in \[0, 100\]"),
+    ("user_budget = { params = 0.5, prune_fusion = 1.0 }", r"compression\.user_budget\.prune_fusion = 1\.0 must be in \[0, 1\)"),
 ])
 def test_bad_compression_settings_name_file_and_key(tmp_path, setting, message):
     path = write_target(tmp_path, extra=f"[compression]\n{setting}")
@@ -164,6 +166,20 @@ def test_the_jetson_budget_prunes_and_factorizes_and_the_cli_can_turn_it_off():
                                                           "compression.prune_fusion": 0.0}).compression.prunes()
     with pytest.raises(InputError, match="prune_image"):
         with_overrides(resolve_target("jetson"), **{"compression.prune_image": 1.5})
+
+
+def test_a_users_model_is_pruned_under_the_user_budgets_caps_and_a_flag_sets_both(tmp_path):
+    from pipeline.cli import _build_config, _build_parser
+    from pipeline.compression.prune import user_caps
+
+    compression = resolve_target("jetson").compression
+    mine = user_caps(compression)  # the built-in model's choices (fusion whole, allocation) are not a user's model's
+    assert (compression.prune_fusion, compression.allocate) == (0.0, True)
+    assert (mine.prune_image, mine.prune_text, mine.prune_fusion, mine.allocate) == (0.6, 0.75, 0.5, False)
+    assert mine.recovery_epochs == compression.recovery_epochs and mine.user_budget == compression.user_budget
+    args = _build_parser().parse_args(["build", "--target", "jetson", "--prune-fusion", "0.25"])
+    flagged = _build_config(args, resolve_target("jetson"), tmp_path / "out", None).target.compression
+    assert flagged.prune_fusion == 0.25 and user_caps(flagged).prune_fusion == 0.25
 
 
 def test_overrides_are_validated_too():
