@@ -1,6 +1,7 @@
 """How close does the pruned model come to its source under each pruning and recovery variant? The prune stage alone, side by side.
 
     python benchmarks/recovery_variants.py --warm out/jetson-orin-nano --out /tmp/edgepipe-variants
+    python benchmarks/recovery_variants.py --warm DIR --only 0 --seeds 1 2 --kernels native   # other recovery seeds, kernels
 
 Each variant is the jetson target with some compression keys changed (a
 target file written next to the runs) and builds from a copy of WARM, whose
@@ -17,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 from importlib import resources
 from pathlib import Path
+
+from pipeline.kernels import RECORDED
 
 VARIANTS = {
     "image 0.6, text 0.75, fusion 0.5, logits only (the defaults before 4ca5971)":
@@ -64,11 +68,11 @@ def write_target(directory: Path, index: int, changes: dict) -> Path:
     return path
 
 
-def row(label: str, manifest: dict) -> str:
+def row(label: str, seed: int, manifest: dict) -> str:
     source, prune = manifest["stages"][0], next(s for s in manifest["stages"] if s["name"] == "prune")
     parity, recovery = prune["parity"], prune["facts"]["recovery"]
     macs, reference = prune["footprint"]["macs"]["total"], source["footprint"]["macs"]["total"]
-    return (f"| {label} | {macs / 1e6:.0f} M ({100 * macs / reference:.1f}%) | {recovery['val_best']['kl']:.4f} | "
+    return (f"| {label} | {seed} | {macs / 1e6:.0f} M ({100 * macs / reference:.1f}%) | {recovery['val_best']['kl']:.4f} | "
             f"{parity['vs_reference']['sqnr_db']:.2f} | {parity['vs_reference']['agreement']:.4f} | "
             f"{parity['paired']['fixed']}/{parity['paired']['broken']} | {parity['delta_pts']:+.2f} | {recovery['wall_s']:.0f} |")
 
@@ -78,23 +82,27 @@ def main() -> int:
     parser.add_argument("--warm", type=Path, required=True, help="a jetson build directory whose source stage is cached")
     parser.add_argument("--out", type=Path, default=Path("/tmp/edgepipe-variants"), help="scratch directory (wiped first)")
     parser.add_argument("--only", nargs="*", type=int, default=None, help="the variants to run, by their place in the table (0-based)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="recovery seeds (--recovery-seed)")
+    parser.add_argument("--kernels", choices=("avx2", "native"), default="avx2",
+                        help="EDGEPIPE_KERNELS for the builds (WARM must hold a source built with the same kernels, else it is trained)")
     args = parser.parse_args()
+    environment = {k: v for k, v in os.environ.items() if k not in RECORDED} | {"EDGEPIPE_KERNELS": args.kernels}
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
-    lines = ["| variant | MACs | calib KL (the checkpoint's) | eval SQNR dB vs source | eval agreement | fixed/broken | Δpts | recovery s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for index, (label, changes) in enumerate(VARIANTS.items()):
-        if args.only is not None and index not in args.only:
-            continue
-        out = args.out / f"variant-{index}"
+    lines = ["| variant | seed | MACs | calib KL (the checkpoint's) | eval SQNR dB vs source | eval agreement | fixed/broken | Δpts | recovery s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    runs = [(index, label, changes, seed) for index, (label, changes) in enumerate(VARIANTS.items()) for seed in args.seeds
+            if args.only is None or index in args.only]
+    for index, label, changes, seed in runs:
+        out = args.out / f"variant-{index}-seed{seed}"
         for part in ("stages", "outputs"):
             shutil.copytree(args.warm / part, out / part, dirs_exist_ok=True)
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "pipeline", "build", "--target", str(write_target(args.out, index, changes)), "--out", str(out),
-                        "--quiet"], capture_output=True, text=True)
+                        "--recovery-seed", str(seed), "--quiet"], capture_output=True, text=True, env=environment)
         manifest = json.loads((out / "manifest.json").read_text())
-        lines.append(row(label, manifest))
-        print(f"{label}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        lines.append(row(label, seed, manifest))
+        print(f"{label}, seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     print("\n".join(lines))
     return 0
 
