@@ -67,7 +67,8 @@ CPU_DEPENDENT = {"measured": "pinned: every stage byte-identical on an AVX2 AMD 
                  "stages": ["source", "prune", "factorize", "export", "quantize"],
                  "pinned_kernels": "ATen and oneDNN on their AVX2 paths on every CPU; compared on an Intel AVX-512 Xeon, the pinned bytes still "
                                    "differ from the AMD EPYCs' from the source stage on (MKL follows MKL_ENABLE_INSTRUCTIONS on Intel and not on AMD: "
-                                   "the two vendors run different MKL code); ONNX Runtime's own int8 kernels (the cpu form) are not pinned"}
+                                   "the two vendors run different MKL code; MKL_CBWR=AVX2 does not unify them either, benchmarks/kernel_paths.py); "
+                                   "ONNX Runtime's own int8 kernels (the cpu form) are not pinned"}
 VERSIONED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxscript", "numpy", "transformers", "torch-pruning", "tensorrt")
 
 
