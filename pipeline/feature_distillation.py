@@ -10,6 +10,8 @@ thousands of numbers a sample, and both models compute them from the same
 frozen-prefix inputs. Matching them is layer-wise distillation as in CoFi
 (Xia et al. 2022) and TinyBERT (Jiao et al. 2020), without their learned
 projections: only the points whose shape the student kept are matched, by name.
+A model without the built-in models' prefix/suffix split (a user's) is matched
+at its own top-level modules, the blocks it was composed of.
 
 Each point's error is normalised by the variance of the teacher's state there,
 so a block with large activations does not outweigh one with small ones, and
@@ -27,12 +29,25 @@ import torch
 from torch import nn
 
 
+# A point whose output holds more numbers a sample than this is not kept: the teacher's states are held for the
+# whole train split (the built-in model's largest point, EfficientNet's head at 6 x 6, holds 46,080).
+MAX_STATE_ELEMENTS = 65_536
+
+
 def stream_points(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules whose outputs are matched, by qualified name: every module of the encoders' trainable suffixes."""
+    """The modules whose outputs are matched, by qualified name.
+
+    A split model (the built-in ones): every module of its encoders' trainable
+    suffixes. Any other model (a user's): its own top-level modules, the
+    blocks its author composed it of; the one that gives the logits is left
+    out later, by shape.
+    """
+    encoders = [getattr(model, part, None) for part in ("image_encoder", "text_encoder")]
+    if not any(hasattr(encoder, "suffix_modules") for encoder in encoders):
+        return dict(model.named_children())
     names = {id(module): name for name, module in model.named_modules()}
     points = {}
-    for part in ("image_encoder", "text_encoder"):
-        encoder = getattr(model, part, None)
+    for encoder in encoders:
         for module in (encoder.suffix_modules() if hasattr(encoder, "suffix_modules") else []):
             if id(module) in names:
                 points[names[id(module)]] = module
@@ -81,7 +96,8 @@ class TeacherStates:
 
     @staticmethod
     def collect(batches: list[dict[str, torch.Tensor]], mask: torch.Tensor | None) -> "TeacherStates":
-        states = {name: torch.cat([batch[name] for batch in batches]) for name in batches[0]} if batches else {}
+        kept = [name for name in batches[0] if batches[0][name][0].numel() <= MAX_STATE_ELEMENTS] if batches else []
+        states = {name: torch.cat([batch[name] for batch in batches]) for name in kept}
         scale = {}
         for name, state in states.items():
             weights = _token_weights(state, mask)

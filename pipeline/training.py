@@ -597,8 +597,15 @@ class _TeacherAnswers:
                 # the head on those encodings, batch by batch as _logits_in_order runs it: the same numbers,
                 # without running the teacher's encoder tails over train a second time (19 s of a cold build)
                 self.own = torch.cat([teacher.head(image, text) for image, text in parts])
-            else:
-                self.own = _logits_in_order(teacher, features, batch_size)
+            else:  # run whole, batch by batch as _logits_in_order runs it, its points' outputs kept on the way when asked
+                states, logits = [], []
+                with recording(stream_points(teacher) if record_states else {}) as recorded:
+                    for s in range(0, len(features), batch_size):
+                        logits.append(features.logits(teacher, torch.arange(s, min(s + batch_size, len(features)))))
+                        states.append(dict(recorded))
+                if record_states:
+                    self.states = TeacherStates.collect(states, features.mask)
+                self.own = torch.cat(logits)
 
     def _encoded(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.features
@@ -632,15 +639,17 @@ class _FeatureMatch:
 
 
 def _feature_match(model: nn.Module, features: _Features, teacher: _TeacherAnswers, weight: float) -> _FeatureMatch | None:
-    """The student's points whose outputs have the teacher's shape, found by running its suffixes on two samples."""
-    if weight <= 0 or teacher.states is None or not features.split:
+    """The student's points whose outputs have the teacher's shape, found by running it on two samples.
+
+    An output shaped like the logits is left out: the logits have their own term.
+    """
+    if weight <= 0 or teacher.states is None:
         return None
     points = stream_points(model)
     index = torch.arange(min(2, len(features)))
     with torch.inference_mode(), recording(points) as recorded:
-        model.image_encoder.suffix(features.image[index])
-        model.text_encoder.suffix(features.text[index], features.mask[index])
-    matched = teacher.states.matched(recorded)
+        logits = features.logits(model, index)
+    matched = tuple(name for name in teacher.states.matched(recorded) if recorded[name].shape != logits.shape)
     return _FeatureMatch(weight, {name: points[name] for name in matched}) if matched else None
 
 
@@ -662,7 +671,11 @@ def _student_loss(model: nn.Module, features: _Features, index: torch.Tensor, te
             loss = loss + match.weight * teacher.states.loss(states, index, tuple(match.points), features.mask[index])
         mixed = [(model.head(image[i], text[t]), teacher.mixed(index[i], index[t])) for i, t in pairs]
     else:
-        loss = _loss(features.logits(model, index), labels, own_target, settings)
+        with recording(match.points if match else {}) as states:
+            logits = features.logits(model, index)
+        loss = _loss(logits, labels, own_target, settings)
+        if match is not None:
+            loss = loss + match.weight * teacher.states.loss(states, index, tuple(match.points), features.mask)
         mixed = [(features.logits(model, index[i], index[t]), teacher.mixed(index[i], index[t])) for i, t in pairs]
     for logits, target in mixed:
         loss = loss + len(logits) / len(index) * _distill_kl(logits, target, settings.distill_temperature)
@@ -691,9 +704,10 @@ def distill(
     pairs alone its logits say little more than the labels; on pairs it has
     never seen they show how it weighs one modality against the other, which
     is where a compressed model's answers drift on unseen samples. With
-    feature_weight > 0 a split student also matches the teacher's hidden
-    states at every point of its suffixes whose shape it kept, weighted so
-    (pipeline.feature_distillation); the points are in the report.
+    feature_weight > 0 the student also matches the teacher's hidden states
+    at every point whose shape it kept (pipeline.feature_distillation: the
+    blocks of a split model's suffixes, a model's own top-level modules
+    otherwise), weighted so; the points are in the report.
 
     There is no early stop at an accuracy line (a line crossed on a small
     split is crossed by noise): training runs the epoch budget, or ends when

@@ -90,3 +90,42 @@ def test_the_term_brings_a_students_hidden_states_closer_to_its_teachers_than_lo
         errors[weight] = float(answers.states.loss(recorded, index, points, features.mask[index]))
     assert reports[0.0].feature_points == () and reports[1.0].feature_points
     assert errors[1.0] < 0.8 * errors[0.0]
+
+
+class UserStyle(torch.nn.Module):
+    """A model without the built-in prefix/suffix split, as a user writes one (an unused module, a logits layer at the top)."""
+
+    def __init__(self):
+        super().__init__()
+        self.words = torch.nn.EmbeddingBag(100, 16)
+        self.pixels = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.mix = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.ReLU())
+        self.classifier = torch.nn.Linear(32, 9)
+        self.unused = torch.nn.Linear(4, 4)
+
+    def forward(self, image, input_ids, attention_mask):
+        return self.classifier(self.mix(torch.cat([self.words(input_ids), self.pixels(image)], 1)))
+
+
+def test_a_users_model_is_matched_at_its_own_top_level_modules_and_the_term_pulls_them_in():
+    config, _ = tiny()
+    data = samples(config.input_spec(), 24)
+    torch.manual_seed(0)
+    teacher = UserStyle().eval()
+    torch.manual_seed(1)
+    perturbed = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    settings = TrainSettings(epochs=3, batch_size=8, lr=3e-3)
+    errors, reports = {}, {}
+    for weight in (0.0, 1.0):
+        student, reports[weight] = distill(copy.deepcopy(perturbed), teacher, data, data, settings, patience=3, feature_weight=weight)
+        answers = _TeacherAnswers(teacher, _Features(teacher, data, 8, "t"), 8, record_states=True)
+        features = _Features(student, data, 8, "t")
+        with torch.inference_mode(), recording(stream_points(student)) as recorded:
+            features.logits(student, torch.arange(len(data.labels)))
+        errors[weight] = float(answers.states.loss(recorded, torch.arange(len(data.labels)), ("words", "pixels", "mix"), None))
+    # the logits layer has its own term and the unused module never runs: neither is a point
+    assert reports[0.0].feature_points == () and set(reports[1.0].feature_points) == {"words", "pixels", "mix"}
+    assert errors[1.0] < 0.8 * errors[0.0]
