@@ -53,7 +53,7 @@ import contextlib
 import copy
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -580,32 +580,29 @@ class _TeacherAnswers:
 
     def __init__(self, teacher: nn.Module, features: _Features, batch_size: int, record_states: bool = False):
         self.teacher, self.features = teacher, features
-        self.states: TeacherStates | None = None  # its hidden states at every point of its suffixes (feature distillation)
+        self.states: TeacherStates | None = None  # its hidden states at its points (feature distillation), when asked
+        starts = track(range(0, len(features), batch_size), desc="teacher: encoding train", unit="batch", leave=False,
+                       samples_per_step=batch_size)  # a minute of a cold build on 2 cores: a CI log hears from it
         with torch.inference_mode():
             if features.split:
-                starts = track(range(0, len(features), batch_size), desc="teacher: encoding train", unit="batch", leave=False,
-                               samples_per_step=batch_size)  # a minute of a cold build on 2 cores: a CI log hears from it
-                states: list[dict[str, torch.Tensor]] = []
-                with recording(stream_points(teacher) if record_states else {}) as recorded:
-                    parts = []
-                    for s in starts:
-                        parts.append(self._encoded(torch.arange(s, min(s + batch_size, len(features)))))
-                        states.append(dict(recorded))
-                if record_states:
-                    self.states = TeacherStates.collect(states, features.mask)
+                parts = self._batches(starts, batch_size, self._encoded, record_states)
                 self.image, self.text = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
                 # the head on those encodings, batch by batch as _logits_in_order runs it: the same numbers,
                 # without running the teacher's encoder tails over train a second time (19 s of a cold build)
                 self.own = torch.cat([teacher.head(image, text) for image, text in parts])
-            else:  # run whole, batch by batch as _logits_in_order runs it, its points' outputs kept on the way when asked
-                states, logits = [], []
-                with recording(stream_points(teacher) if record_states else {}) as recorded:
-                    for s in range(0, len(features), batch_size):
-                        logits.append(features.logits(teacher, torch.arange(s, min(s + batch_size, len(features)))))
-                        states.append(dict(recorded))
-                if record_states:
-                    self.states = TeacherStates.collect(states, features.mask)
-                self.own = torch.cat(logits)
+            else:  # run whole, batch by batch as _logits_in_order runs it
+                self.own = torch.cat(self._batches(starts, batch_size, lambda index: features.logits(teacher, index), record_states))
+
+    def _batches(self, starts: Iterable[int], batch_size: int, run: Callable[[torch.Tensor], Any], record_states: bool) -> list[Any]:
+        """run() on each batch of the train split, in order; with record_states, the teacher's states at its points kept on the way."""
+        outputs, states = [], []
+        with recording(stream_points(self.teacher) if record_states else {}) as recorded:
+            for start in starts:
+                outputs.append(run(torch.arange(start, min(start + batch_size, len(self.features)))))
+                states.append(dict(recorded))
+        if record_states:
+            self.states = TeacherStates.collect(states, self.features.mask)
+        return outputs
 
     def _encoded(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.features
