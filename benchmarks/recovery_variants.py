@@ -40,6 +40,9 @@ VARIANTS = {
     "allocate + fusion whole, image 0.5": {"prune_image": 0.5, "prune_fusion": 0.0, "allocate": True, "recovery_features": 0.0},
     "allocate + fusion whole, image 0.5, hidden states (the defaults now)":
         {"prune_image": 0.5, "prune_fusion": 0.0, "allocate": True, "recovery_features": 1.0},
+    "the defaults now + 2 mixed pairs per train pair": {"recovery_mixed": 2.0},
+    "the defaults now, 10 epochs": {"recovery_epochs": 10},
+    "the defaults now + 2 mixed pairs, 10 epochs": {"recovery_mixed": 2.0, "recovery_epochs": 10},
 }
 
 
