@@ -171,7 +171,7 @@ class Compression:
 class Gates:
     export: Gate = field(default_factory=lambda: Gate(min_agreement=1.0, max_abs_error=1e-3, knob="export is expected to be exact; report a bug"))
     prune: Gate = field(default_factory=lambda: Gate(max_drop_pts=1.0, knob="lower compression.prune_* or raise compression.recovery_epochs"))
-    factorize: Gate = field(default_factory=lambda: Gate(max_drop_pts=1.0, knob="raise compression.factorize_energy / embedding_energy or compression.recovery_epochs"))
+    factorize: Gate = field(default_factory=lambda: Gate(max_drop_pts=1.0, knob="raise compression.factorize_energy / embedding_energy or compression.factorize_epochs (recovery_epochs where unset)"))
     quantize: Gate = field(default_factory=lambda: Gate(max_drop_pts=1.0, min_agreement=0.97, knob="--calibration-method, a larger calibration set, or quantize.max_fallback_steps"))
     engine: Gate = field(default_factory=lambda: Gate(min_agreement=0.99, knob="inspect the engine's layer precisions; build with fp16 fallback"))
 

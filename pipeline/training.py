@@ -727,7 +727,6 @@ def _distill(world: World, model: nn.Module, teacher: nn.Module, train_data: Enc
         network.eval()
         for p in network.parameters():
             p.requires_grad_(False)
-    student_train = _Features(model, train_data, settings.batch_size, f"{desc}: encoding train", prefix_cache)
     student_val = _Features(model, val_data, settings.batch_size, f"{desc}: encoding val", prefix_cache)
     def teacher_answers() -> _TeacherAnswers:
         features = _Features(teacher, train_data, settings.batch_size, f"{desc}: encoding train (teacher)", prefix_cache)
@@ -737,12 +736,17 @@ def _distill(world: World, model: nn.Module, teacher: nn.Module, train_data: Enc
         features = _Features(teacher, val_data, settings.batch_size, f"{desc}: encoding val (teacher)", prefix_cache)
         return _logits_in_order(teacher, features, settings.batch_size)
 
+    teacher_val = teacher_logits() if prefix_cache is None else prefix_cache.teacher(teacher, val_data, settings.batch_size, "logits",
+                                                                                      teacher_logits)
+    if settings.epochs == 0:  # nothing to train: the model as it came, measured, without the teacher's answers on train (28 s)
+        initial = fidelity(_logits_in_order(model, student_val, settings.batch_size), teacher_val, student_val.labels)
+        return model, DistillReport(0, 0, initial, initial, (), "budget")
+    student_train = _Features(model, train_data, settings.batch_size, f"{desc}: encoding train", prefix_cache)
     if prefix_cache is None:
-        answers, teacher_val = teacher_answers(), teacher_logits()
+        answers = teacher_answers()
     else:
         answers = prefix_cache.teacher(teacher, train_data, settings.batch_size, "answers+states" if feature_weight > 0 else "answers",
                                        teacher_answers)
-        teacher_val = prefix_cache.teacher(teacher, val_data, settings.batch_size, "logits", teacher_logits)
     if answers.features.split != student_train.split:
         raise ValueError("distill needs a teacher and a student that both split into prefix and suffix, or neither")
     match = _feature_match(model, student_train, answers, feature_weight)

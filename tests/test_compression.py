@@ -285,6 +285,23 @@ def test_recovery_runs_to_a_plateau_and_keeps_the_checkpoint_closest_to_the_teac
     assert facts["val_best"]["kl"] == min([facts["val_before"]["kl"], *kls]) < facts["val_before"]["kl"]
 
 
+def test_a_recovery_with_no_epochs_measures_the_model_as_it_came_and_leaves_it_alone():
+    from pipeline.compression.recovery import Recovery, recover
+    from pipeline.training import TrainSettings
+
+    config, teacher = tiny("concat")
+    data = random_samples(config.input_spec(), 16)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.classifier.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    _, facts = recover(student, Recovery(data, data, teacher, TrainSettings(epochs=0), patience=2, feature_weight=1.0), "t")
+    assert (facts["epochs_run"], facts["best_epoch"], facts["history"], facts["feature_points"]) == (0, 0, [], [])
+    assert facts["val_best"] == facts["val_before"] and facts["val_before"]["kl"] > 0
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
 def test_mixed_pairs_pair_each_image_with_another_samples_text():
     from pipeline.training import _Features
 
