@@ -53,7 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--text-depth", type=int, default=None, metavar="N", help="MiniLM layers kept by depth pruning, the least sensitive dropped first (default: the target's)")
     build.add_argument("--factorize-energy", type=float, default=None, metavar="E", help="low-rank factorize Linear/1x1 conv layers keeping this spectral energy (default: the target's)")
     build.add_argument("--embedding-energy", type=float, default=None, metavar="E", help="factorize the token embedding keeping this spectral energy (default: the target's)")
-    build.add_argument("--recovery-epochs", type=int, default=None, metavar="N", help="distillation epochs after each structural stage (default: the target's)")
+    build.add_argument("--recovery-epochs", type=int, default=None, metavar="N", help="distillation epochs after pruning, and after factorizing where the target sets no compression.factorize_epochs (default: the target's)")
     build.add_argument("--recovery-seed", type=int, default=None, metavar="N", help="seed of the recovery trainings (default: the target's compression.recovery_seed, else --seed); the source model stays cached")
     build.add_argument("--keep", default=None, metavar="NAME,...",
                        help="modules (by their name in the model) that prune and factorize leave whole, added to the target's compression.keep")

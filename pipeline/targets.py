@@ -139,7 +139,7 @@ class Compression:
     user_budget: Budget | None = None
     factorize_energy: float | None = None  # Linear / 1x1 conv: retained spectral energy; None skips them
     embedding_energy: float | None = None  # the token embedding (45% of the default model's parameters); None leaves it whole
-    recovery_epochs: int = 4  # distillation budget after each structural stage (ends sooner at a plateau of the calib KL)
+    recovery_epochs: int = 4  # distillation budget after each structural stage (factorize: factorize_epochs where set); ends sooner at a plateau of the calib KL
     # Encoder learning rate while recovering from pruning: a pruned layer has more to relearn than a fine-tuned
     # one (the jetson pruning ratios, before BatchNorm recalibration, recovered in 4 epochs to 81.6% eval accuracy
     # at 1e-4 and 84.8% at 5e-4; BENCHMARKS.md).
