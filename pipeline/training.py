@@ -200,7 +200,12 @@ IMAGE_PREFIX_CHUNK = 8
 
 
 def _image_prefix(encoder: nn.Module, image: torch.Tensor, stops: list[int]) -> list[torch.Tensor]:
-    """The hidden state at each stop, then at the split, IMAGE_PREFIX_CHUNK images at a time (one pass through the blocks per chunk)."""
+    """The hidden state at each stop, then at the split, IMAGE_PREFIX_CHUNK images at a time (one pass through the blocks per chunk).
+
+    The images go in channels-last, so the states come out so and every later pass over them (the trained suffix,
+    forward and backward) runs oneDNN's NHWC convolutions: on the default model the prefix takes 24% less time and a
+    suffix training step 31% less than in NCHW under the build's AVX2 kernels (benchmarks/channels_last.py)."""
+    image = image.contiguous(memory_format=torch.channels_last)
     size = len(image) if encoder.training else IMAGE_PREFIX_CHUNK  # in train mode BatchNorm would see each chunk's statistics
     parts = [encoder.prefix_stops(chunk, stops) if stops else [encoder.prefix(chunk)] for chunk in image.split(max(size, 1))]
     return [torch.cat(states) for states in zip(*parts)]
