@@ -47,6 +47,7 @@ VARIANTS = {
     "the defaults of 4ca5971 + 2 mixed pairs per train pair": {**DEFAULTS_4CA5971, "recovery_mixed": 2.0},
     "the defaults of 4ca5971, 10 epochs (the defaults since 6439093)": {**DEFAULTS_4CA5971, "recovery_epochs": 10},
     "the defaults of 4ca5971 + 2 mixed pairs, 10 epochs": {**DEFAULTS_4CA5971, "recovery_mixed": 2.0, "recovery_epochs": 10},
+    "the defaults of 6439093, recovery_lr 1e-3": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "recovery_lr": 1e-3},
 }
 
 
