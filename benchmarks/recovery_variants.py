@@ -30,7 +30,8 @@ from pipeline.kernels import RECORDED
 
 # The rows of BENCHMARKS.md, "Pruning and recovery variants": each spells out its prune recovery budget, so a row
 # measured at 8 epochs runs at 8 whatever the shipped target says now.
-EIGHT = {"recovery_epochs": 8}
+# The rows before "taylor importance" ranked channels by the weights' magnitude, the targets' default until then.
+EIGHT = {"recovery_epochs": 8, "importance": "magnitude"}
 DEFAULTS_4CA5971 = {"prune_image": 0.5, "prune_fusion": 0.0, "allocate": True, "recovery_features": 1.0, **EIGHT}
 VARIANTS = {
     "image 0.6, text 0.75, fusion 0.5, logits only (the defaults before 4ca5971)":
@@ -48,6 +49,10 @@ VARIANTS = {
     "the defaults of 4ca5971, 10 epochs (the defaults since 6439093)": {**DEFAULTS_4CA5971, "recovery_epochs": 10},
     "the defaults of 4ca5971 + 2 mixed pairs, 10 epochs": {**DEFAULTS_4CA5971, "recovery_mixed": 2.0, "recovery_epochs": 10},
     "the defaults of 6439093, recovery_lr 1e-3": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "recovery_lr": 1e-3},
+    "image only (text whole)": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "prune_text": 0.0},
+    "text only (image whole)": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "prune_image": 0.0},
+    "the defaults of 6439093, recovery_lr 2.5e-4": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "recovery_lr": 2.5e-4},
+    "taylor importance (the defaults since this row)": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "importance": "taylor"},
 }
 
 

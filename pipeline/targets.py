@@ -114,6 +114,7 @@ class Budget:
     prune_text: float | None = None
     prune_fusion: float | None = None
     allocate: bool | None = None
+    importance: Literal["magnitude", "taylor"] | None = None
 
 
 @dataclass(frozen=True)

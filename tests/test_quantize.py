@@ -17,7 +17,7 @@ from pipeline.artifacts import Artifact
 from pipeline.data.encode import Encoded
 from pipeline.parity import Gate, check_gate, parity_row
 from pipeline.quantization.calibrate import TensorRange, calibrate, entropy_threshold, percentile_threshold
-from pipeline.quantization.evaluate import Evaluation, ort_logits
+from pipeline.quantization.evaluate import evaluation_of, ort_logits
 from pipeline.quantization.fallback import SPENT_UPSTREAM, accuracy_aware_fallback
 from pipeline.runners import OrtRunner, run_batches
 from pipeline.quantization.quantize import make_evaluator, quantize, quantize_settings
@@ -286,14 +286,29 @@ def test_the_tuning_gate_counts_the_accuracy_budget_from_the_source_model_as_the
     assert not np.any(from_source.per_sample_error)
 
 
-@pytest.mark.parametrize("accuracy, fidelity_passes, stop", [
-    (0.90, True, SPENT_UPSTREAM),  # as accurate as its input, and faithful to it: float regions cannot win the budget back
-    (0.88, True, "every region tried"),  # INT8 itself lost accuracy: the fallback tries
-    (0.90, False, "every region tried"),  # the stage's own fidelity fails: the fallback tries
+def _answers(labels: np.ndarray, wrong: int) -> np.ndarray:
+    """Logits right on every sample but the first `wrong`, which they answer with the next class."""
+    logits = np.zeros((len(labels), 3), dtype=np.float32)
+    answers = labels.copy()
+    answers[:wrong] = (labels[:wrong] + 1) % 3
+    logits[np.arange(len(labels)), answers] = 4.0
+    return logits
+
+
+@pytest.mark.parametrize("input_wrong, int8_wrong, fidelity_gate, stop", [
+    # the input misses the 1-point budget (5 of 100 wrong) and INT8 loses one sample more: no interval resolves that
+    (5, 6, 0.97, SPENT_UPSTREAM),
+    (5, 5, 0.97, SPENT_UPSTREAM),  # INT8 as accurate as its input
+    (5, 15, 0.80, "every region tried"),  # INT8 itself lost 10 points: a loss the tuning set resolves, the fallback tries
+    (0, 2, 0.97, "every region tried"),  # the input is within budget: INT8's own 2 samples fail the gate, a step can win them back
+    (5, 6, 0.995, "every region tried"),  # the stage's own fidelity fails (agreement 0.99): the fallback tries
 ])
-def test_the_fallback_takes_no_step_for_a_budget_spent_before_quantization(tmp_path, accuracy, fidelity_passes, stop):
-    failing = Evaluation(passes=False, per_sample_error=np.zeros(SAMPLES), metrics={
-        "accuracy": accuracy, "input_accuracy": 0.90, "fidelity_passes": fidelity_passes, "agreement": 0.99})
+def test_the_fallback_takes_no_step_for_a_budget_spent_before_quantization(tmp_path, input_wrong, int8_wrong, fidelity_gate, stop):
+    labels = np.arange(100) % 3
+    source = _answers(labels, 0)
+    failing = evaluation_of(_answers(labels, int8_wrong), _answers(labels, input_wrong), labels,
+                            Gate(max_drop_pts=1.0, min_agreement=fidelity_gate), source)
+    assert not failing.passes
     result = accuracy_aware_fallback(lambda floats: tmp_path / "all-int8.onnx", tmp_path / "fp32.onnx", [],
                                      lambda path: pytest.fail("nothing to evaluate"), 8, features(), measured=failing)
     assert result.stop_reason == stop and result.steps == () and result.float_regions == ()

@@ -361,11 +361,11 @@ def fit_macs_budget(model: nn.Module, compression: Compression, example_inputs: 
 
 
 def user_caps(compression: Compression) -> Compression:
-    """The compression a user's model is pruned under: the user budget's ratios and allocate where it sets them."""
+    """The compression a user's model is pruned under: the user budget's ratios, allocate and importance where it sets them."""
     budget = compression.user_budget
     if budget is None:
         return compression
-    chosen = {name: getattr(budget, name) for name in ("prune_image", "prune_text", "prune_fusion", "allocate")}
+    chosen = {name: getattr(budget, name) for name in ("prune_image", "prune_text", "prune_fusion", "allocate", "importance")}
     return dataclasses.replace(compression, **{name: value for name, value in chosen.items() if value is not None})
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from pipeline.data.encode import Encoded
-from pipeline.parity import Gate, accuracy, check_gate, parity_row
+from pipeline.parity import Gate, accuracy, check_gate, paired, parity_row
 from pipeline.runners import ort_session
 
 EVAL_BATCH = 16
@@ -62,6 +62,11 @@ def evaluation_of(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray,
         "violations": [v.message() for v in violations],
         # the gate without its accuracy budget: the stage's own fidelity to its input
         "fidelity_passes": not check_gate(replace(gate, max_drop_pts=None), row),
+        # the stage's input against the accuracy budget alone, and the candidate's own accuracy change vs that input
+        # (95% paired interval, points): the fallback does not chase a budget its input already missed by noise
+        "input_within_budget": not check_gate(Gate(max_drop_pts=gate.max_drop_pts, mode=gate.mode),
+                                              parity_row("input", reference, reference if source is None else source, reference, labels)),
+        "own_delta_ci_pts": [float(v) for v in paired(logits, reference, labels).delta_ci_pts],
     }
     return Evaluation(passes=not violations, per_sample_error=errors, metrics=metrics)
 
