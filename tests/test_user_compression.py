@@ -97,7 +97,7 @@ def test_torch_transformer_layers_with_cross_attention_prune_what_they_can_and_n
     assert table["module"] == "token_embedding.0" and table["rows_before"] == 30522 and table["rows_after"] < 1000
     assert 0 < table["calib_ids_with_own_row"] < table["calib_ids"]
     assert facts["budget"]["user_budget"] == {"params": 0.5, "macs": 0.7, "prune_image": 0.6, "prune_text": 0.75, "prune_fusion": 0.5,
-                                              "allocate": False}  # the caps a user's model is pruned under, not the built-in model's ratios
+                                              "allocate": False, "importance": "magnitude"}  # a user's model's caps, not the built-in model's
     report = (tmp_path / "out" / "report.md").read_text()
     assert f"vocabulary: token_embedding.0 30522 -> {table['rows_after']} rows" in report and "budget (params <= 0.5, macs <= 0.7)" in report
     assert facts["budget"]["params_after"] <= 0.5 and ("out_of_reach" in facts["budget"] or facts["budget"]["macs_after"] <= 0.7)
