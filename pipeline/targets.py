@@ -132,6 +132,7 @@ class Compression:
     # cannot remove a layer's fixed per-op cost, which dominates batch-1 latency (pipeline/compression/depth.py).
     text_depth: int | None = None
     importance: Literal["magnitude", "taylor"] = "magnitude"
+    importance_samples: int = 64  # the first calib samples (never eval) Taylor importance takes its loss gradient on
     allocate: bool = False  # per-unit ratios from measured sensitivity (same parameter budget per branch)
     # Global budget: prune to at most this fraction of the MACs (the branch ratios are scaled together to fit).
     budget_macs: float | None = None
@@ -314,6 +315,8 @@ def _check_consistency(target: Target, where: str) -> None:
         cap = getattr(comp.user_budget, name) if comp.user_budget is not None else None
         if cap is not None and not 0.0 <= cap < 1.0:
             raise InputError(f"{where}: compression.user_budget.{name} = {cap} must be in [0, 1): a pruning ratio")
+    if comp.importance_samples < 1:
+        raise InputError(f"{where}: compression.importance_samples = {comp.importance_samples} must be >= 1 (calib samples Taylor importance is taken on)")
     if not comp.recovery_lr > 0:
         raise InputError(f"{where}: compression.recovery_lr = {comp.recovery_lr} must be > 0")
     if comp.recovery_epochs < 0:

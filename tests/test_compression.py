@@ -105,6 +105,21 @@ def test_taylor_importance_prunes_to_the_same_widths():
     assert prune_settings(Compression(prune_text=0.5), "taylor")["importance"] == "taylor"
 
 
+def test_taylor_importance_takes_the_mean_gradient_of_a_batch_larger_than_one_chunk():
+    config, model = tiny()
+    inputs = example_inputs(config.input_spec(), batch=70)  # 64 + 6: two chunks of the gradient
+    labels = torch.arange(70) % 9
+    twice = (tuple(torch.cat([x, x]) for x in inputs), torch.cat([labels, labels]))  # 140: three chunks, the same mean gradient
+    once_model, once = prune(model, Compression(prune_text=0.5), inputs, importance="taylor", importance_batch=(inputs, labels))
+    twice_model, doubled = prune(model, Compression(prune_text=0.5), inputs, importance="taylor", importance_batch=twice)
+    assert (once["settings"]["importance_samples"], doubled["settings"]["importance_samples"]) == (70, 140)
+    assert once["units"] == doubled["units"]
+    for (name, a), (_, b) in zip(once_model.state_dict().items(), twice_model.state_dict().items()):
+        assert torch.equal(a, b), name  # the same channels kept, whatever the chunking
+    magnitude = prune(model, Compression(prune_text=0.5), inputs)[1]
+    assert "importance_samples" not in magnitude["settings"]  # magnitude takes no gradient
+
+
 def test_trainable_scope_leaves_the_frozen_prefix_alone():
     config, model = tiny()
     model.text_encoder.split_at = 1  # layer 0 frozen, as in the pretrained model's prefix

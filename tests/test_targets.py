@@ -150,6 +150,7 @@ def test_file_name_must_match_target_name(tmp_path):
     ("text_depth = 0", r"compression\.text_depth = 0 must be >= 1"),
     ("recovery_lr = 0.0", r"compression\.recovery_lr = 0\.0 must be > 0"),
     ('importance = "random"', r"compression\.importance"),
+    ("importance_samples = 0", r"compression\.importance_samples = 0 must be >= 1"),
     ("recovery_features = -1.0", r"compression\.recovery_features = -1\.0 must be in \[0, 100\]"),
     ("user_budget = { params = 0.5, prune_fusion = 1.0 }", r"compression\.user_budget\.prune_fusion = 1\.0 must be in \[0, 1\)"),
     ('user_budget = { params = 0.5, importance = "random" }', r"compression\.user_budget\.importance"),
@@ -175,7 +176,7 @@ def test_a_users_model_is_pruned_under_the_user_budgets_caps_and_a_flag_sets_bot
 
     compression = resolve_target("jetson").compression
     mine = user_caps(compression)  # the built-in model's choices (fusion whole, allocation) are not a user's model's
-    assert (compression.prune_fusion, compression.allocate, compression.importance) == (0.0, True, "taylor")
+    assert (compression.prune_fusion, compression.allocate, compression.importance, compression.importance_samples) == (0.0, True, "taylor", 256)
     assert (mine.prune_image, mine.prune_text, mine.prune_fusion, mine.allocate, mine.importance) == (0.6, 0.75, 0.5, False, "magnitude")
     assert mine.recovery_epochs == compression.recovery_epochs and mine.user_budget == compression.user_budget
     args = _build_parser().parse_args(["build", "--target", "jetson", "--prune-fusion", "0.25"])

@@ -133,15 +133,20 @@ def importance_scorer(importance: str):
     raise InputError(f"unknown importance '{importance}'; choose one of {', '.join(IMPORTANCES)}")
 
 
-def _accumulate_gradients(model: nn.Module, batch: tuple[Sequence[torch.Tensor], torch.Tensor]) -> None:
-    """One labelled batch's loss gradient on every weight: what Taylor importance multiplies the weights by."""
+def _accumulate_gradients(model: nn.Module, batch: tuple[Sequence[torch.Tensor], torch.Tensor], chunk: int = 64) -> None:
+    """The labelled batch's mean loss gradient on every weight: what Taylor importance multiplies the weights by.
+
+    Taken chunk by chunk (each chunk's summed loss over the whole batch's size), so a batch of several hundred
+    samples costs the activation memory of one chunk."""
     inputs, labels = batch
     model.eval()  # frozen BN/dropout: the gradient of the model as it is deployed
     with torch.enable_grad():
         for p in model.parameters():
             p.requires_grad_(True)
             p.grad = None
-        F.cross_entropy(model(*inputs), labels).backward()
+        for start in range(0, len(labels), chunk):
+            part = slice(start, start + chunk)
+            (F.cross_entropy(model(*(x[part] for x in inputs)), labels[part], reduction="sum") / len(labels)).backward()
 
 
 def _clear_gradients(model: nn.Module) -> None:
@@ -283,7 +288,8 @@ def prune(
     append_step(pruned, {"op": "prune", "history": json_history(graph.pruning_history()), "num_heads": num_heads})
 
     facts = {
-        "settings": prune_settings(compression, importance, scope, unit_ratios),
+        "settings": prune_settings(compression, importance, scope, unit_ratios)
+                    | ({"importance_samples": len(importance_batch[1])} if importance == "taylor" else {}),
         "params_before": params_before,
         "params_after": params_by_branch(pruned),
         "macs_before": macs_before,

@@ -71,9 +71,10 @@ class Context:
     probe_samples: int = 64  # the first calib samples sensitivity is measured on (never eval)
     onnx: Path | None = None  # the user's FP32 ONNX file as the source model (--onnx): the torch stages do not apply
 
-    def probe(self) -> Encoded:
+    def probe(self, samples: int | None = None) -> Encoded:
+        """The first `samples` calib samples (None: probe_samples)."""
         calib = self.splits.get("calib")
-        return calib.subset(range(min(self.probe_samples, len(calib))))
+        return calib.subset(range(min(self.probe_samples if samples is None else samples, len(calib))))
 
 
 def onnx_source(ctx: Context) -> Path | None:

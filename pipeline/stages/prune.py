@@ -57,13 +57,15 @@ def declare(ctx: Context, done: Mapping[str, Artifact]) -> Pass:
     skip = onnx_source_skip(ctx) or ("the target asks for no pruning" if not compression.prunes() else None)
     model = next(reversed(done.values()))
     run = lambda workdir: prune_stage(model, config.compression, ctx.spec, recovery(ctx, source, config.recovery), ctx.probe(), workdir,
-                                      config.trained_here)
+                                      config.trained_here, ctx.probe(compression.importance_samples))
     return Pass("prune", config, model.sha256, run, Measure("torch", reach=compression), code=__name__, gate="prune", skip=skip)
 
 
 def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, recovery: Recovery, probe: Encoded, workdir: Path,
-                trained_here: bool = True) -> Artifact:
-    """Trim token tables, prune a torch artifact per branch (sensitivity measured on probe, ratios allocated when asked), then recover it."""
+                trained_here: bool = True, importance_probe: Encoded | None = None) -> Artifact:
+    """Trim token tables, prune a torch artifact per branch (sensitivity measured on probe, ratios allocated when asked), then recover it.
+
+    importance_probe: the labelled samples Taylor importance takes its gradient on (None: probe)."""
     model = load_torch_artifact(source.path)
     source_params = count_params(model)
     vocabulary = trim_vocabulary(model, compression.vocabulary, trained_here, lambda: build_architecture(read_description(source.path), pretrained=True),
@@ -96,8 +98,10 @@ def prune_stage(source: Artifact, compression: Compression, spec: InputSpec, rec
         if compression.budget_macs is not None:
             compression, budget = fit_macs_budget(model, compression, example_inputs(spec), allocate, found=found)
         unit_ratios = allocate(compression)
+    # Magnitude importance reads the batch only for the token rows an embedding is scored on: the probe, as it was measured
+    taylor = compression.importance == "taylor" and importance_probe is not None
     pruned, facts = prune(model, compression, example_inputs(spec), compression.importance, "trainable", unit_ratios or None,
-                          importance_batch=(inputs, labels), found=found)
+                          importance_batch=probe_tensors(importance_probe) if taylor else (inputs, labels), found=found)
     facts["budget"] = budget
     facts["vocabulary"] = vocabulary
     facts["depth"] = depth
