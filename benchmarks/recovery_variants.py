@@ -30,7 +30,8 @@ from pipeline.kernels import RECORDED
 
 # The rows of BENCHMARKS.md, "Pruning and recovery variants": each spells out its prune recovery budget, so a row
 # measured at 8 epochs runs at 8 whatever the shipped target says now.
-# The rows before "taylor importance" ranked channels by the weights' magnitude, the targets' default until then.
+# The rows before "taylor importance" ranked channels by the weights' magnitude, the targets' default until then;
+# the Taylor rows name the calib samples its gradient is taken on.
 EIGHT = {"recovery_epochs": 8, "importance": "magnitude"}
 DEFAULTS_4CA5971 = {"prune_image": 0.5, "prune_fusion": 0.0, "allocate": True, "recovery_features": 1.0, **EIGHT}
 VARIANTS = {
@@ -52,7 +53,10 @@ VARIANTS = {
     "image only (text whole)": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "prune_text": 0.0},
     "text only (image whole)": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "prune_image": 0.0},
     "the defaults of 6439093, recovery_lr 2.5e-4": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "recovery_lr": 2.5e-4},
-    "taylor importance (the defaults since this row)": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "importance": "taylor"},
+    "taylor importance on 64 calib samples (the defaults of 818a968)": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "importance": "taylor",
+                                                                       "importance_samples": 64},
+    "taylor importance on 256 calib samples (the defaults since this row)": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "importance": "taylor",
+                                                                            "importance_samples": 256},
 }
 
 
