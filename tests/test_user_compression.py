@@ -141,3 +141,17 @@ def test_pinned_modules_and_an_untrimmed_vocabulary_stay_whole_and_an_unknown_mo
     assert "compression.keep names 'nowhere'" in err and "Traceback" not in err
     assert main([*args, "--keep", "pixels,"]) == 2
     assert "--keep 'pixels,': an empty module name" in capsys.readouterr().err
+
+
+def test_taylor_importance_on_a_users_model_takes_its_gradient_on_the_calib_samples_it_has(workspace, tmp_path):
+    # the shipped targets rank a user's model by magnitude; a user who asks for Taylor gets it, on at most importance_samples
+    target = write_target(tmp_path / "taylor.toml", compression={**SHORT_RECOVERY, "importance_samples": 1000,
+                                                                 "user_budget": {"importance": "taylor"}}, gates=GATES)
+    out = tmp_path / "out"
+    assert main(["build", "--model", "user_models.residual:build", "--data", str(workspace / "data"), "--target", str(target),
+                 "--epochs", "2", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    compressed_within_budget(manifest)
+    settings = stage(manifest, "prune")["facts"]["settings"]
+    calib = sum(json.loads(line)["split"] == "calib" for line in (workspace / "data" / "samples.jsonl").read_text().splitlines())
+    assert settings["importance"] == "taylor" and settings["importance_samples"] == calib < 1000
