@@ -57,6 +57,10 @@ VARIANTS = {
                                                                        "importance_samples": 64},
     "taylor importance on 256 calib samples (the defaults since this row)": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "importance": "taylor",
                                                                             "importance_samples": 256},
+    "taylor on 256, image 0.55, text 0.7": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "importance": "taylor", "importance_samples": 256,
+                                            "prune_image": 0.55, "prune_text": 0.7},
+    "taylor on 256, image 0.6, text 0.65": {**DEFAULTS_4CA5971, "recovery_epochs": 10, "importance": "taylor", "importance_samples": 256,
+                                            "prune_image": 0.6, "prune_text": 0.65},
 }
 
 
